@@ -502,3 +502,33 @@ def test_register_custom_estimator_and_conflicts():
         register_estimator("test-median", scale="group")(median)
     with pytest.raises(ValueError, match="unknown scale='bogus'"):
         register_estimator("x", scale="bogus")
+
+
+@SETTINGS
+@given(ragged_batches(), st.sampled_from(QUANTILE_METHODS), st.randoms())
+def test_per_group_k_equals_separate_calls(batch, method, rnd):
+    rewards, gids = batch
+    r = torch.tensor(rewards, dtype=torch.float64)
+    group_k = {g: rnd.choice([0.2, 0.4, 0.6, 0.8]) for g in set(gids)}
+    k = torch.tensor([group_k[g] for g in gids], dtype=torch.float64)
+    got = compute_advantages(r, gids, "qae", k=k, quantile_method=method)
+    for g, kg in group_k.items():
+        rows = [i for i, x in enumerate(gids) if x == g]
+        alone = compute_advantages(r[rows], [g] * len(rows), "qae", k=kg, quantile_method=method)
+        torch.testing.assert_close(got[rows], alone, rtol=1e-12, atol=1e-12)
+    stats = advantage_stats(got, r, gids, k=k, quantile_method=method)
+    assert stats["frac_zero_adv"] == pytest.approx(float((got == 0).double().mean()))
+
+
+def test_per_group_k_errors():
+    r = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="same for every response of a group"):
+        compute_advantages(r, [0, 0, 1, 1], k=torch.tensor([0.2, 0.4, 0.4, 0.4]))
+    with pytest.raises(ValueError, match=r"k must be in \(0, 1\), got k\[2\]=1.0"):
+        compute_advantages(r, [0, 0, 1, 1], k=torch.tensor([0.2, 0.2, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"k as a tensor must be \[B\] \(B=4\)"):
+        compute_advantages(r, [0, 0, 1, 1], k=torch.tensor([0.2, 0.2]))
+    # NaN rows are dropped before grouping, their K with them: no conflict here
+    r_nan = torch.tensor([0.0, float("nan"), 1.0, 0.0])
+    k = torch.tensor([0.2, 0.9, 0.4, 0.4])
+    assert compute_advantages(r_nan, [0, 0, 1, 1], k=k, nan="unscorable")[1] == 0

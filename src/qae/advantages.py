@@ -61,9 +61,35 @@ _QUANTILE_TOL = 1e-9
 GroupIds = Tensor | np.ndarray | Sequence[Hashable]
 
 
-def _check_k(k: float) -> None:
+def _check_k(k: float | Tensor, n: int | None = None) -> None:
+    if isinstance(k, Tensor):
+        if k.dim() != 1 or (n is not None and k.numel() != n):
+            raise ValueError(f"k as a tensor must be [B] (B={n}), got shape {tuple(k.shape)}")
+        bad = (~((k > 0) & (k < 1))).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"k must be in (0, 1), got k[{i}]={float(k[i])!r}")
+        return
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not (0.0 < float(k) < 1.0):
         raise ValueError(f"k must be a number in (0, 1), got k={k!r}")
+
+
+def _group_k(k: float | Tensor, groups: Groups, valid: Tensor | None) -> float | Tensor:
+    """A float K, or a per-response K ``[B]`` turned into one K per group ``[P]``."""
+    if not isinstance(k, Tensor):
+        return k
+    kv = k.to(device=groups.codes.device, dtype=torch.float64)
+    if valid is not None:
+        kv = kv[valid.to(kv.device)]
+    per_group = torch.zeros(groups.num_groups, dtype=kv.dtype, device=kv.device)
+    per_group.scatter_(0, groups.codes, kv)
+    off = (per_group[groups.codes] != kv).nonzero()
+    if off.numel():
+        raise ValueError(
+            "k must be the same for every response of a group; "
+            f"valid response {int(off[0])} has k={float(kv[int(off[0])])!r}"
+        )
+    return per_group
 
 
 def _check_choice(field: str, value: object, choices: Sequence[str]) -> None:
@@ -177,8 +203,10 @@ class Groups:
         """``[P]`` group maximum (needs sorted groups)."""
         return self.sorted_rewards()[self.starts() + self.counts - 1]
 
-    def quantile(self, k: float, method: str = "inverted_cdf") -> Tensor:
-        """``[P]`` K-quantile of each group; see :func:`group_quantile` for the methods."""
+    def quantile(self, k: float | Tensor, method: str = "inverted_cdf") -> Tensor:
+        """``[P]`` K-quantile of each group (K a float or one per group ``[P]``)."""
+        if isinstance(k, Tensor):
+            return _sorted_quantile(self, k, method)
         return self._memo(f"q{k!r}{method}", lambda: _sorted_quantile(self, k, method))
 
 
@@ -301,7 +329,7 @@ def _float32_order_bits(x: Tensor) -> Tensor:
 # Quantiles
 
 
-def _sorted_quantile(groups: Groups, k: float, method: str) -> Tensor:
+def _sorted_quantile(groups: Groups, k: float | Tensor, method: str) -> Tensor:
     """``[P]`` per-group quantile from the sorted rewards."""
     values = groups.sorted_rewards()
     starts, counts = groups.starts(), groups.counts
@@ -316,7 +344,8 @@ def _sorted_quantile(groups: Groups, k: float, method: str) -> Tensor:
         if groups.input_dtype in (torch.float32, torch.float64)
         else (torch.float32)
     )
-    rank = torch.tensor(k, dtype=qdtype, device=values.device) * (counts - 1).to(qdtype)
+    k_t = k.to(qdtype) if isinstance(k, Tensor) else torch.tensor(k, dtype=qdtype)
+    rank = k_t.to(values.device) * (counts - 1).to(qdtype)
     if method == "lower":
         rank = rank.floor()
     elif method == "higher":
@@ -336,7 +365,7 @@ def _sorted_quantile(groups: Groups, k: float, method: str) -> Tensor:
 def group_quantile(
     rewards: Tensor,
     group_ids: GroupIds,
-    k: float = 0.4,
+    k: float | Tensor = 0.4,
     *,
     method: str = "inverted_cdf",
 ) -> Tensor:
@@ -366,13 +395,13 @@ def group_quantile(
         ``[B]`` baseline of each response, dtype and device of ``rewards``.
     """
     rewards_t = _as_rewards(rewards)
-    _check_k(k)
+    _check_k(k, rewards_t.numel())
     _check_choice("method", method, QUANTILE_METHODS)
     prepared = _prepare(rewards_t, group_ids, nan="raise", sort=True)
     if prepared is None:
         return torch.zeros_like(rewards_t)
-    groups, _ = prepared
-    return groups.quantile(k, method)[groups.codes].to(rewards_t.dtype)
+    groups, valid = prepared
+    return groups.quantile(_group_k(k, groups, valid), method)[groups.codes].to(rewards_t.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -431,7 +460,7 @@ def register_estimator(
 
 
 @register_estimator("grpo", scale="group")
-def mean_baseline(groups: Groups, *, k: float, quantile_method: str) -> Tensor:
+def mean_baseline(groups: Groups, *, k: float | Tensor, quantile_method: str) -> Tensor:
     """GRPO: group mean baseline, scaled by the unbiased group std (verl's ``grpo``)."""
     return groups.mean()[groups.codes]
 
@@ -442,7 +471,7 @@ register_estimator("drgrpo", scale="none", doc="Dr. GRPO: group mean baseline, n
 
 
 @register_estimator("rloo", scale="none")
-def leave_one_out_baseline(groups: Groups, *, k: float, quantile_method: str) -> Tensor:
+def leave_one_out_baseline(groups: Groups, *, k: float | Tensor, quantile_method: str) -> Tensor:
     """RLOO: the mean of the other responses of the group, no std scaling."""
     n = groups.counts[groups.codes].to(groups.rewards.dtype)
     shifted = groups.shifted()
@@ -451,7 +480,7 @@ def leave_one_out_baseline(groups: Groups, *, k: float, quantile_method: str) ->
 
 
 @register_estimator("qae", scale="group", needs_sort=True)
-def quantile_baseline(groups: Groups, *, k: float, quantile_method: str) -> Tensor:
+def quantile_baseline(groups: Groups, *, k: float | Tensor, quantile_method: str) -> Tensor:
     """QAE: the group's K-quantile as baseline, scaled by the group std."""
     return groups.quantile(k, quantile_method)[groups.codes]
 
@@ -461,7 +490,7 @@ def compute_advantages(
     group_ids: GroupIds,
     estimator: str = "qae",
     *,
-    k: float = 0.4,
+    k: float | Tensor = 0.4,
     quantile_method: str = "inverted_cdf",
     scale: str | None = None,
     eps: float = 1e-6,
@@ -483,7 +512,8 @@ def compute_advantages(
         group_ids: ``[B]`` group (prompt) of each response: an integer tensor, a numpy
             array (verl passes uid strings) or a list of hashables. Groups may be ragged.
         estimator: registered estimator name.
-        k: quantile level in (0, 1) for ``qae``.
+        k: quantile level in (0, 1) for ``qae``: one float, or a ``[B]`` tensor giving each
+            group its own K (equal within a group; difficulty-aware K control uses it).
         quantile_method: how ``qae`` takes the quantile, one of :data:`QUANTILE_METHODS`.
         scale: ``group`` (group std), ``batch`` (std of the whole batch, as TRL's
             ``scale_rewards="batch"`` and REINFORCE++) or ``none``; default: the
@@ -500,7 +530,7 @@ def compute_advantages(
     """
     rewards_t = _as_rewards(rewards)
     spec = estimators.get(estimator)
-    _check_k(k)
+    _check_k(k, rewards_t.numel())
     _check_choice("quantile_method", quantile_method, QUANTILE_METHODS)
     scale = spec.scale if scale is None else scale
     _check_choice("scale", scale, SCALES)
@@ -514,7 +544,7 @@ def compute_advantages(
         return torch.zeros_like(rewards_t)
     groups, valid = prepared
     r = groups.rewards
-    baseline = spec.baseline(groups, k=k, quantile_method=quantile_method)
+    baseline = spec.baseline(groups, k=_group_k(k, groups, valid), quantile_method=quantile_method)
     if baseline.shape != r.shape:
         raise ValueError(
             f"estimator {estimator!r} returned a baseline of shape {tuple(baseline.shape)}, "
@@ -548,7 +578,7 @@ def advantage_stats(
     rewards: Tensor,
     group_ids: GroupIds,
     *,
-    k: float = 0.4,
+    k: float | Tensor = 0.4,
     quantile_method: str = "inverted_cdf",
     success_threshold: float = 0.0,
     nan: str = "raise",
@@ -582,7 +612,7 @@ def advantage_stats(
         raise ValueError(
             f"advantages has shape {tuple(adv.shape)}, rewards has {tuple(rewards_t.shape)}"
         )
-    _check_k(k)
+    _check_k(k, rewards_t.numel())
     _check_choice("quantile_method", quantile_method, QUANTILE_METHODS)
     n = adv.numel()
     stats: dict[str, float] = {
@@ -598,13 +628,13 @@ def advantage_stats(
     prepared = _prepare(rewards_t, group_ids, nan=nan, sort=True)
     if prepared is None:
         return stats
-    g, _ = prepared
+    g, valid = prepared
     success = g.rewards > success_threshold
     stats["success_rate"] = float(success.double().mean())
     single = g.counts == 1
     degen = g.degenerate() & ~single
     live = ~g.degenerate()
-    q = g.quantile(k, quantile_method)
+    q = g.quantile(_group_k(k, g, valid), quantile_method)
     hard = live & (q == g.minimum())
     easy = live & (q == g.maximum())
     group_success = g._sum(success.to(g.rewards.dtype))
