@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,45 @@ def _regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Run the RL loop from a preset or YAML plus per-field flags."""
+    import time
+
+    from qae.config import TrainConfig, load_preset
+    from qae.configtools import config_from_args, load_yaml_config
+    from qae.trainer import train
+
+    cfg = load_preset(args.config) if args.config else TrainConfig()
+    run_cfg = Path(_cfg_out(args)) / "config.yaml"
+    if args.resume and not args.config and run_cfg.is_file():
+        cfg = load_yaml_config(TrainConfig, run_cfg)  # resume with the run's own config
+    cfg = config_from_args(TrainConfig, args, cfg)
+    if not cfg.log.out:
+        cfg.log.out = time.strftime("runs/qae-%Y%m%d-%H%M%S")
+    if args.print_config:
+        import yaml
+
+        from qae.configtools import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    before, after = result.val_before, result.val_after
+    print(f"run directory: {result.run_dir}")
+    if before or after:
+        keys = [k for k in (before or after) if k.startswith("val/pass@") or k == "val/mean@n"]
+        print(f"{'held-out':<14} {'before':>8} {'after':>8}")
+        for k in keys:
+            b = before.get(k, float("nan"))
+            a = after.get(k, float("nan"))
+            print(f"{k[4:]:<14} {b:>8.3f} {a:>8.3f}")
+    return 0
+
+
+def _cfg_out(args: argparse.Namespace) -> str:
+    return getattr(args, "cfg:log.out", "") or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qae`` argument parser with every sub-command."""
     from qae import __version__
@@ -69,6 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="inverted_cdf is the paper's quantile; linear is torch.quantile's default",
     )
     p.set_defaults(func=_regimes)
+
+    from qae.lab.simulate import add_simulate_parser
+
+    add_simulate_parser(sub)
+
+    from qae.config import TrainConfig, preset_names
+    from qae.configtools import add_config_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="run the RLVR loop (default: QAE on the built-in task and tiny model)",
+        description="Train a policy with RLVR. With no arguments: QAE (K=0.4) with DAPO-style "
+        "settings on the built-in arithmetic task and the shipped tiny model, a few minutes "
+        "on a laptop CPU. Every config field is a flag; --config loads a preset "
+        f"({', '.join(preset_names())}) or a YAML file first.",
+    )
+    p.add_argument("--config", default="", help="preset name or YAML file applied first")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --log.out from its checkpoint"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=_train)
     return parser
 
 
