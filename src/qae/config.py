@@ -1,0 +1,356 @@
+"""The trainer's configuration: one dataclass tree, YAML presets, a CLI flag per field.
+
+Every field's docstring is its ``--help`` text. Presets in ``qae/presets/*.yaml`` only
+override defaults: ``default`` is the embedded default (built-in task and tiny model),
+``dapo`` the paper's DAPO recipe with QAE for a real model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from qae.advantages import QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
+from qae.configtools import load_yaml_config
+from qae.losses import LossConfig
+
+__all__ = [
+    "AlgoConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "load_preset",
+    "preset_names",
+]
+
+BUILTIN = "builtin"
+
+
+def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if not ok or value < 0 or (value == 0 and not allow_zero):
+            want = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} must be a number {want}, got {name}={value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The policy to train."""
+
+    path: str = BUILTIN
+    """Hugging Face model id or local directory of a causal LM; ``builtin`` is the shipped
+    tiny model for the built-in task."""
+
+    dtype: str = "auto"
+    """Parameter dtype: ``auto`` (float32 on CPU, bfloat16 autocast on GPU), ``float32`` or
+    ``bfloat16``."""
+
+    device: str = "auto"
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory on large models."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path must name a model directory, a hub id or 'builtin'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got dtype={self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts and answers come from, and how responses are scored."""
+
+    train: str = BUILTIN
+    """Training prompts: ``builtin`` (the arithmetic task), a JSONL/Parquet file, or a
+    Hugging Face dataset name."""
+
+    val: str = BUILTIN
+    """Held-out prompts for validation, same forms as ``train``; empty disables."""
+
+    problem_key: str = ""
+    """Field holding the problem (empty: guess ``prompt``/``problem``/``question``)."""
+
+    answer_key: str = ""
+    """Field holding the ground truth (empty: guess ``reward_model.ground_truth``/``answer``)."""
+
+    template: str = "raw"
+    """Prompt template: ``raw`` (the problem text as is), ``boxed`` or ``dapo``."""
+
+    reward: str = "auto"
+    """Registered reward function: ``auto`` picks ``arithmetic`` for the built-in task and
+    ``math`` otherwise."""
+
+    val_size: int = 256
+    """Validation prompts used (the first N of the held-out split); 0 = all."""
+
+    seed: int = 0
+    """Seed of the training prompt order (epochs are reshuffled with seed + epoch)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "val_size", allow_zero=True)
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling G responses per prompt."""
+
+    prompts_per_step: int = 16
+    """P: prompts (groups) per training step, after dynamic sampling."""
+
+    group_size: int = 8
+    """G: responses sampled per prompt."""
+
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+
+    max_new_tokens: int = 0
+    """Response length limit; 0 = the task's own (the built-in task's answer length)."""
+
+    dynamic_sampling: bool = True
+    """DAPO dynamic sampling: drop groups whose scores are all equal and sample more
+    prompts until the step has ``prompts_per_step`` informative groups."""
+
+    max_gen_batches: int = 4
+    """Generation rounds per step before giving up filling the batch (then the step trains
+    on the groups it has and logs how many rounds it drew)."""
+
+    overlong: str = "none"
+    """Overlong handling: ``penalty`` (DAPO soft punishment), ``mask`` (truncated
+    responses leave the loss) or ``none``."""
+
+    overlong_buffer: int = 4
+    """Tokens before ``max_new_tokens`` where the soft penalty starts."""
+
+    overlong_factor: float = 1.0
+    """Penalty at ``max_new_tokens``."""
+
+    generation_batch_size: int = 512
+    """Responses generated per ``generate`` call (memory bound)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "prompts_per_step", "group_size", "max_gen_batches", "top_p")
+        _positive(self, "generation_batch_size", "overlong_buffer")
+        _positive(self, "temperature", "max_new_tokens", "overlong_factor", allow_zero=True)
+        if self.overlong not in ("penalty", "mask", "none"):
+            raise ValueError(
+                f"overlong must be penalty, mask or none, got overlong={self.overlong!r}"
+            )
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage estimation."""
+
+    estimator: str = "qae"
+    """Registered advantage estimator: ``qae``, ``grpo``, ``drgrpo``, ``rloo``."""
+
+    k: float = 0.4
+    """QAE quantile level K in (0, 1): larger K gives fewer non-zero advantages and more
+    exploration (raise to 0.6 if entropy collapses)."""
+
+    quantile_method: str = "inverted_cdf"
+    """How QAE takes the quantile: ``inverted_cdf`` (the paper) or a ``torch.quantile``
+    interpolation (``linear`` reproduces the released reference code)."""
+
+    scale: str = ""
+    """Advantage scale: ``group`` std, ``batch`` std or ``none``; empty = the estimator's
+    own default."""
+
+    singleton: str = "zero"
+    """Advantage of a group of one: ``zero`` or its ``raw`` reward (verl's behaviour)."""
+
+    eps: float = 1e-6
+    """Added to the std before dividing."""
+
+    def __post_init__(self) -> None:
+        estimators.get(self.estimator)
+        if not (isinstance(self.k, (int, float)) and 0 < self.k < 1):
+            raise ValueError(f"k must be in (0, 1), got k={self.k!r}")
+        if self.quantile_method not in QUANTILE_METHODS:
+            raise ValueError(
+                f"quantile_method must be one of {', '.join(QUANTILE_METHODS)}, "
+                f"got {self.quantile_method!r}"
+            )
+        if self.scale and self.scale not in SCALES:
+            raise ValueError(
+                f"scale must be empty or one of {', '.join(SCALES)}, got {self.scale!r}"
+            )
+        if self.singleton not in SINGLETON_MODES:
+            raise ValueError(f"singleton must be zero or raw, got {self.singleton!r}")
+        _positive(self, "eps", allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 5e-5
+    """Peak learning rate."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.999
+    """AdamW beta2."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: ``constant`` or ``cosine`` (to 10% of lr)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
+        _positive(self, "weight_decay", "grad_clip", "warmup_steps", allow_zero=True)
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop."""
+
+    steps: int = 200
+    """Training steps (one rollout batch each)."""
+
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+
+    mini_batches: int = 1
+    """Optimizer steps per pass: the batch's groups are split into this many mini-batches
+    (DAPO: 512 prompts in mini-batches of 32 = 16)."""
+
+    micro_batch_size: int = 64
+    """Responses per forward/backward (gradient accumulation bounds memory)."""
+
+    seed: int = 0
+    """Seed of every random number generator."""
+
+    threads: int = 0
+    """CPU threads for torch (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", allow_zero=True)
+        _positive(self, "ppo_epochs", "mini_batches", "micro_batch_size")
+        _positive(self, "threads", allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    """Validation on the held-out split."""
+
+    every: int = 50
+    """Validate every N steps (and before the first and after the last); 0 = only
+    before and after."""
+
+    n: int = 4
+    """Samples per validation prompt."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 4])
+    """pass@k values to report (each <= n)."""
+
+    temperature: float = 1.0
+    """Validation sampling temperature (the paper: 0.7 with n=32)."""
+
+    top_p: float = 1.0
+    """Validation nucleus threshold."""
+
+    enabled: bool = True
+    """Run validation at all."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "every", "temperature", allow_zero=True)
+        _positive(self, "n", "top_p")
+        if not self.ks or any(k < 1 or k > self.n for k in self.ks):
+            raise ValueError(f"ks must be integers in [1, n={self.n}], got ks={self.ks!r}")
+
+
+@dataclass
+class LogConfig:
+    """Run directory, loggers and checkpoints."""
+
+    out: str = ""
+    """Run directory (config, metrics.jsonl, checkpoints, TensorBoard events); empty =
+    ``runs/qae-<date>-<time>``."""
+
+    checkpoint_every: int = 50
+    """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
+
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events when the ``tensorboard`` package is installed."""
+
+    wandb: str = ""
+    """Weights & Biases project name (empty = off; needs ``wandb``)."""
+
+    mlflow: str = ""
+    """MLflow experiment name (empty = off; needs ``mlflow``)."""
+
+    progress: bool = True
+    """Show a live progress bar."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "checkpoint_every", allow_zero=True)
+        _positive(self, "keep_last")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``qae train`` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _presets_dir():
+    return resources.files("qae") / "presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped YAML presets."""
+    return sorted(p.name[:-5] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> TrainConfig:
+    """A :class:`TrainConfig` from a shipped preset name or a YAML file path."""
+    if name_or_path in preset_names():
+        with resources.as_file(_presets_dir() / f"{name_or_path}.yaml") as path:
+            return load_yaml_config(TrainConfig, path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"config={name_or_path!r} is neither a preset ({', '.join(preset_names())}) "
+            f"nor an existing YAML file"
+        )
+    return load_yaml_config(TrainConfig, path)

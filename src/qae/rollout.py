@@ -1,0 +1,260 @@
+"""Rollout: sample G responses per prompt, and score token log-probs of given responses.
+
+Shapes: P prompts, G responses per prompt, B = P·G responses, T response tokens (the longest
+response of the batch or micro-batch), V vocabulary.
+
+Responses are kept as unpadded token lists in a :class:`Batch`; tensors are built per
+micro-batch by :func:`collate`, so batches from several generation rounds concatenate
+freely and micro-batches can be packed from any subset of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qae.entropy import selective_log_softmax, token_entropy
+
+__all__ = [
+    "Batch",
+    "collate",
+    "concat_batches",
+    "generate_batch",
+    "response_logprobs",
+]
+
+
+@dataclass
+class Batch:
+    """Responses of one training step and everything computed on them.
+
+    Attributes:
+        prompt_ids: B token lists of the prompts (repeated for each response of a group).
+        response_ids: B token lists of the sampled responses, end token included if any.
+        group_ids: ``[B]`` long, which prompt (group) each response answers.
+        scores: ``[B]`` float, the verifier's score (1 correct / 0 wrong; NaN unscorable).
+        rewards: ``[B]`` float, the reward the advantages use (score plus any shaping).
+        truncated: ``[B]`` bool, the response hit the length limit without an end token.
+        loss_rows: ``[B]`` bool, responses that take part in the loss (overlong masking
+            clears it); advantages still use every row.
+        texts: B decoded responses. answers: B ground truths. prompts: B prompt texts.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    group_ids: Tensor
+    scores: Tensor
+    rewards: Tensor
+    truncated: Tensor
+    loss_rows: Tensor
+    texts: list[str] = field(default_factory=list)
+    answers: list[Any] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def num_groups(self) -> int:
+        return int(torch.unique(self.group_ids).numel()) if len(self) else 0
+
+    def response_lengths(self) -> Tensor:
+        """``[B]`` long, tokens per response."""
+        return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
+
+    def select(self, rows: Tensor | Sequence[int]) -> Batch:
+        """The sub-batch of the given row indices (a bool mask or indices)."""
+        idx = torch.as_tensor(rows)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        ids = idx.tolist()
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value[idx]
+            else:
+                out[f.name] = [value[i] for i in ids] if value else []
+        return Batch(**out)
+
+    def with_(self, **changes: Any) -> Batch:
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Rows of several batches in order; group ids are made distinct per batch."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    out: dict[str, Any] = {}
+    offset = 0
+    shifted = []
+    for b in batches:
+        shifted.append(b.group_ids + offset)
+        offset += int(b.group_ids.max()) + 1 if len(b) else 0
+    for f in fields(Batch):
+        values = [getattr(b, f.name) for b in batches]
+        if f.name == "group_ids":
+            out[f.name] = torch.cat(shifted)
+        elif isinstance(values[0], Tensor):
+            out[f.name] = torch.cat(values)
+        else:
+            out[f.name] = [x for v in values for x in v]
+    return Batch(**out)
+
+
+def collate(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """Right-padded model inputs for prompt+response rows.
+
+    Returns:
+        ``input_ids [b, L]``, ``attention_mask [b, L]``, ``positions [b, T]`` (index of the
+        logit that predicts each response token), ``targets [b, T]`` (response tokens,
+        pad where masked) and ``response_mask [b, T]`` (float, 1 on response tokens).
+    """
+    b = len(prompt_ids)
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    longest = max(lengths, default=1)
+    t = max((len(r) for r in response_ids), default=0)
+    t = max(t, 1)
+    input_ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, longest), dtype=torch.long)
+    positions = torch.zeros((b, t), dtype=torch.long)
+    targets = torch.full((b, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        if not p:
+            raise ValueError(f"prompt_ids[{i}] is empty; every prompt needs at least one token")
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+        n = len(r)
+        if n:
+            # The logit at position j predicts token j + 1.
+            positions[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+            targets[i, :n] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, :n] = 1.0
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "positions": positions.to(device),
+        "targets": targets.to(device),
+        "response_mask": mask.to(device),
+    }
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    inputs: dict[str, Tensor],
+    *,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of the response tokens of one collated micro-batch.
+
+    Gradients flow when called outside ``torch.no_grad``. Logits are divided by the
+    sampling ``temperature`` so the log-probs are those of the policy that sampled.
+
+    Returns:
+        ``logp [b, T]`` and ``entropy [b, T]`` (or None); 0 outside the response mask.
+    """
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = out.logits  # [b, L, V]
+    pos = inputs["positions"]  # [b, T]
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [b, T, V]
+    if temperature != 1.0:
+        picked = picked / temperature
+    mask = inputs["response_mask"]
+    logp = selective_log_softmax(picked, inputs["targets"]) * mask  # [b, T]
+    entropy = token_entropy(picked) * mask if with_entropy else None  # [b, T]
+    return logp, entropy
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    *,
+    group_size: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
+) -> Batch:
+    """Sample ``group_size`` responses for each prompt with Hugging Face ``generate``.
+
+    Scores and rewards are left at 0 (the caller scores them). Prompts are tokenized as
+    given (apply templates first). Responses end at the first end-of-sequence token,
+    which is kept; a response without one that reached ``max_new_tokens`` is truncated.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if len(prompts) != len(answers):
+        raise ValueError(f"prompts has {len(prompts)} items but answers has {len(answers)}")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
+    prompt_rows: list[list[int]] = []
+    response_rows: list[list[int]] = []
+    truncated: list[bool] = []
+    per_call = max(1, batch_size // group_size)
+    for start in range(0, len(encoded), per_call):
+        chunk = encoded[start : start + per_call]
+        width = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, x in enumerate(chunk):  # left padding for generation
+            ids[i, width - len(x) :] = torch.tensor(x)
+            attn[i, width - len(x) :] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad)
+        if eos is not None:
+            kwargs["eos_token_id"] = eos
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            num_return_sequences=group_size,
+            **kwargs,
+        )
+        new = out[:, width:].cpu()
+        for j in range(new.shape[0]):
+            toks = new[j].tolist()
+            if eos is not None and eos in toks:
+                toks = toks[: toks.index(eos) + 1]
+                cut = False
+            else:
+                cut = len(toks) >= max_new_tokens
+            prompt_rows.append(list(chunk[j // group_size]))
+            response_rows.append(toks)
+            truncated.append(cut)
+    b = len(response_rows)
+    texts = tokenizer.batch_decode(response_rows, skip_special_tokens=True)
+    return Batch(
+        prompt_ids=prompt_rows,
+        response_ids=response_rows,
+        group_ids=torch.arange(len(prompts)).repeat_interleave(group_size),
+        scores=torch.zeros(b),
+        rewards=torch.zeros(b),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        loss_rows=torch.ones(b, dtype=torch.bool),
+        texts=texts,
+        answers=[a for a in answers for _ in range(group_size)],
+        prompts=[p for p in prompts for _ in range(group_size)],
+    )

@@ -1,0 +1,691 @@
+"""The RLVR training loop, top to bottom.
+
+One step: prompts -> G sampled responses per prompt -> rewards -> dynamic sampling and
+overlong handling -> advantages (registered estimator) -> PPO mini-batch updates with the
+registered loss -> metrics -> checkpoint. The modules own the math; this file owns the loop
+and its state.
+
+Where this loop departs from the paper's DAPO recipe (verl):
+- The sampling policy's log-probs are recomputed by a forward pass of the current weights
+  (as verl does); with one epoch and one mini-batch the update's own forward pass provides
+  them (the weights have not moved yet), which saves a pass and changes nothing.
+- Dynamic sampling stops after ``rollout.max_gen_batches`` rounds and trains on the
+  informative groups it has, logging the shortfall, instead of raising.
+- Clip-Cov / KL-Cov statistics are taken per micro-batch, not over the whole batch.
+- Dropout stays off during updates (the policy is always in eval mode), so the recomputed
+  log-probs equal those of the policy that sampled.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qae.advantages import advantage_stats, broadcast_to_tokens, compute_advantages
+from qae.config import BUILTIN, TrainConfig
+from qae.configtools import config_to_dict, save_yaml_config
+from qae.entropy import entropy_change_predictor, masked_mean
+from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
+from qae.losses import batch_counts, compute_policy_loss
+from qae.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
+from qae.runlog import Checkpointer, MetricsLogger
+
+__all__ = ["PromptStream", "TrainResult", "train", "validate"]
+
+
+# --------------------------------------------------------------------------------------
+# Prompts
+
+
+class PromptStream:
+    """An endless, resumable stream of training records.
+
+    ``records`` is either a list (shuffled anew each epoch with ``seed + epoch``) or a
+    function ``index -> record`` (the built-in task generates prompt ``i`` from the seed).
+    The only state is the number of records consumed.
+    """
+
+    def __init__(self, records: Sequence[dict] | Callable[[int], dict], seed: int = 0) -> None:
+        if not callable(records) and len(records) == 0:
+            raise ValueError("the training set is empty")
+        self.records = records
+        self.seed = seed
+        self.consumed = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _record(self, i: int) -> dict:
+        if callable(self.records):
+            return self.records(i)
+        n = len(self.records)
+        epoch, pos = divmod(i, n)
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng(self.seed + epoch).permutation(n)
+            self._order = (epoch, perm)
+        return self.records[int(self._order[1][pos])]
+
+    def take(self, n: int) -> list[dict]:
+        out = [self._record(self.consumed + j) for j in range(n)]
+        self.consumed += n
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"model.device={name!r} is not a device name") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={name!r} but CUDA is not available")
+    return device
+
+
+def load_policy(path: str, device: torch.device, dtype: str = "auto"):
+    """Model and tokenizer from a local directory or hub id (``builtin``: the tiny model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path == BUILTIN:
+        from qae.tasks import tiny_model_path
+
+        path = str(tiny_model_path())
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model.path={path!r} could not be loaded as a causal LM (a local directory "
+            f"with config.json, or a hub id reachable from here): {err}"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()  # no dropout: recomputed log-probs must equal the sampler's
+    return model, tokenizer
+
+
+@dataclass
+class TaskData:
+    train: PromptStream
+    val: list[dict]
+    reward: Callable[[str, Any], float | None]
+    max_new_tokens: int
+    format_prompt: Callable[[dict], str]
+
+
+def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
+    """Training stream, validation records, reward function and prompt formatter."""
+    from qae.data import load_prompts
+    from qae.evaluation import format_prompt
+    from qae.rewards import get_reward
+
+    d = cfg.data
+    builtin_train = d.train == BUILTIN
+    max_new = cfg.rollout.max_new_tokens
+    if builtin_train or d.val == BUILTIN:
+        from qae.tasks import arithmetic
+
+    if builtin_train:
+        train = PromptStream(arithmetic.train_record_fn(seed=d.seed), seed=d.seed)
+        max_new = max_new or arithmetic.MAX_NEW_TOKENS
+    else:
+        records = load_prompts(
+            d.train, problem_key=d.problem_key or None, answer_key=d.answer_key or None
+        )
+        train = PromptStream(records, seed=d.seed)
+        max_new = max_new or 1024
+    if d.val == BUILTIN:
+        val = list(arithmetic.validation_split())
+    elif d.val:
+        val = load_prompts(
+            d.val, problem_key=d.problem_key or None, answer_key=d.answer_key or None
+        )
+    else:
+        val = []
+    if d.val_size:
+        val = val[: d.val_size]
+    reward_name = d.reward
+    if reward_name == "auto":
+        reward_name = "arithmetic" if builtin_train else "math"
+    reward = get_reward(reward_name)
+
+    def fmt(record: dict) -> str:
+        return format_prompt(record, tokenizer, d.template)
+
+    return TaskData(train, val, reward, max_new, fmt)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    total = max(1, cfg.trainer.steps * cfg.trainer.ppo_epochs * cfg.trainer.mini_batches)
+
+    def factor(i: int) -> float:
+        if o.warmup_steps and i < o.warmup_steps:
+            return (i + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------
+# Rollout phase
+
+
+def score_batch(batch: Batch, reward: Callable[[str, Any], float | None]) -> Batch:
+    """Verifier scores into ``scores`` and ``rewards`` (None -> NaN, failures -> 0)."""
+    from qae.rewards import score_batch as score_many
+
+    raw = score_many(reward, batch.texts, batch.answers)
+    scores = torch.tensor([math.nan if s is None else float(s) for s in raw])
+    return batch.with_(scores=scores, rewards=scores.clone())
+
+
+def collect_rollouts(
+    model: Any,
+    tokenizer: Any,
+    data: TaskData,
+    cfg: TrainConfig,
+) -> tuple[Batch, dict[str, float]]:
+    """Sample, score and (with dynamic sampling) filter until the step's batch is full."""
+    r = cfg.rollout
+    kept: list[Batch] = []
+    groups = rounds = generated = 0
+    score_sum = scored = 0.0
+    t_gen = t_score = 0.0
+    while rounds < r.max_gen_batches:
+        records = data.train.take(r.prompts_per_step)
+        t0 = time.perf_counter()
+        batch = generate_batch(
+            model,
+            tokenizer,
+            [data.format_prompt(x) for x in records],
+            [x["answer"] for x in records],
+            group_size=r.group_size,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=data.max_new_tokens,
+            batch_size=r.generation_batch_size,
+        )
+        t1 = time.perf_counter()
+        batch = score_batch(batch, data.reward)
+        t_score += time.perf_counter() - t1
+        t_gen += t1 - t0
+        rounds += 1
+        generated += len(batch)
+        finite = batch.scores[~torch.isnan(batch.scores)]
+        score_sum += float(finite.sum())
+        scored += finite.numel()
+        if r.dynamic_sampling:
+            batch = keep_informative_groups(batch)
+        kept.append(batch)
+        groups += batch.num_groups
+        if groups >= r.prompts_per_step or not r.dynamic_sampling:
+            break
+    batch = take_groups(concat_batches(kept), r.prompts_per_step)
+    info = {
+        "rollout/gen_rounds": rounds,
+        "rollout/generated": generated,
+        "rollout/groups_kept": batch.num_groups,
+        "rollout/accuracy_all": score_sum / scored if scored else 0.0,
+        "time/generate": t_gen,
+        "time/score": t_score,
+    }
+    return batch, info
+
+
+def shape_rewards(batch: Batch, cfg: TrainConfig, max_new_tokens: int) -> Batch:
+    r = cfg.rollout
+    if r.overlong == "penalty":
+        buffer = min(r.overlong_buffer, max_new_tokens)
+        return overlong_penalty(
+            batch, max_len=max_new_tokens, buffer=buffer, factor=r.overlong_factor
+        )
+    if r.overlong == "mask":
+        return mask_truncated(batch)
+    return batch
+
+
+# --------------------------------------------------------------------------------------
+# Update phase
+
+
+def _micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:
+    return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: Any, batch: Batch, rows: Sequence[int], pad_id: int, cfg: TrainConfig, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logp [B, T]`` and ``entropy [B, T]`` of the given rows, no gradient."""
+    t = max((len(batch.response_ids[i]) for i in rows), default=1)
+    logp = torch.zeros(len(rows), max(t, 1))
+    ent = torch.zeros(len(rows), max(t, 1))
+    for chunk_start in range(0, len(rows), cfg.trainer.micro_batch_size):
+        chunk = rows[chunk_start : chunk_start + cfg.trainer.micro_batch_size]
+        inputs = collate(
+            [batch.prompt_ids[i] for i in chunk],
+            [batch.response_ids[i] for i in chunk],
+            pad_id,
+            device,
+        )
+        with _autocast(device):
+            lp, en = response_logprobs(
+                model, inputs, with_entropy=True, temperature=cfg.rollout.temperature or 1.0
+            )
+        w = lp.shape[1]
+        logp[chunk_start : chunk_start + len(chunk), :w] = lp.float().cpu()
+        ent[chunk_start : chunk_start + len(chunk), :w] = en.float().cpu()
+    return logp, ent
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _token_mask(batch: Batch, rows: Sequence[int], width: int) -> torch.Tensor:
+    """``[b, width]`` float mask of response tokens of rows that take part in the loss."""
+    mask = torch.zeros(len(rows), width)
+    for j, i in enumerate(rows):
+        if batch.loss_rows[i]:
+            mask[j, : len(batch.response_ids[i])] = 1.0
+    return mask
+
+
+def update_policy(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: Batch,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    pad_id: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    step: int,
+) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+    """PPO epochs over mini-batches of groups; returns metrics (and on-policy log-probs).
+
+    When ``old_logp`` is None (one epoch, one mini-batch) the update's forward pass gives
+    the sampling policy's log-probs and entropies, returned for the metrics.
+    """
+    tr = cfg.trainer
+    b = len(batch)
+    width = max((len(r) for r in batch.response_ids), default=1)
+    group_list = torch.unique(batch.group_ids).tolist()
+    gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    grad_norms: list[float] = []
+    fresh_logp = torch.zeros(b, width) if old_logp is None else None
+    fresh_ent = torch.zeros(b, width) if old_logp is None else None
+    for _epoch in range(tr.ppo_epochs):
+        order = torch.randperm(len(group_list), generator=gen).tolist()
+        if tr.ppo_epochs * tr.mini_batches == 1:
+            order = list(range(len(group_list)))
+        splits = np.array_split(np.array(order, dtype=np.int64), tr.mini_batches)
+        for split in splits:
+            chosen = {group_list[i] for i in split.tolist()}
+            rows = [i for i in range(b) if int(batch.group_ids[i]) in chosen]
+            if not rows:
+                continue
+            denom = batch_counts(_token_mask(batch, rows, width))
+            optimizer.zero_grad(set_to_none=True)
+            for mb in _micro_batches(rows, tr.micro_batch_size):
+                inputs = collate(
+                    [batch.prompt_ids[i] for i in mb],
+                    [batch.response_ids[i] for i in mb],
+                    pad_id,
+                    device,
+                )
+                w = inputs["targets"].shape[1]
+                mask = _token_mask(batch, mb, w).to(device)
+                with _autocast(device):
+                    logp, ent = response_logprobs(
+                        model,
+                        inputs,
+                        with_entropy=True,
+                        temperature=cfg.rollout.temperature or 1.0,
+                    )
+                logp = logp.float()
+                ent = ent.float()
+                idx = torch.tensor(mb)
+                if old_logp is None:
+                    old = logp.detach()
+                    fresh_logp[idx, :w] = old.cpu()
+                    fresh_ent[idx, :w] = ent.detach().cpu()
+                else:
+                    old = old_logp[idx, :w].to(device)
+                ref = ref_logp[idx, :w].to(device) if ref_logp is not None else None
+                adv_tok = broadcast_to_tokens(advantages[idx].float().to(device), mask)
+                loss, metrics = compute_policy_loss(
+                    logp,
+                    old,
+                    adv_tok,
+                    mask,
+                    config=cfg.loss,
+                    ref_logp=ref,
+                    entropy=ent if cfg.loss.entropy_coef > 0 else ent.detach(),
+                    denominator=denom,
+                    generator=gen,
+                )
+                if loss.requires_grad:
+                    loss.backward()
+                weight = len(mb)
+                for k, v in metrics.items():
+                    if k in ("num_tokens", "cov_tokens"):
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = 1
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * weight
+                        counts[k] = counts.get(k, 0) + weight
+            if cfg.optim.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
+                )
+            grad_norms.append(float(norm))
+            optimizer.step()
+            scheduler.step()
+    out = {f"train/{k}": sums[k] / max(counts[k], 1) for k in sums}
+    out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+    out["train/lr"] = scheduler.get_last_lr()[0]
+    out["train/optimizer_steps"] = len(grad_norms)
+    return out, fresh_logp, fresh_ent
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> dict[str, float]:
+    """mean@n, pass@k (unbiased) and per-difficulty accuracy on the validation records."""
+    from qae.evaluation import pass_at_k
+
+    if not data.val or not cfg.eval.enabled:
+        return {}
+    e = cfg.eval
+    state = torch.get_rng_state()  # validation must not move the training RNG
+    torch.manual_seed(cfg.trainer.seed + 12345)
+    try:
+        batch = generate_batch(
+            model,
+            tokenizer,
+            [data.format_prompt(x) for x in data.val],
+            [x["answer"] for x in data.val],
+            group_size=e.n,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            max_new_tokens=data.max_new_tokens,
+            batch_size=cfg.rollout.generation_batch_size,
+        )
+    finally:
+        torch.set_rng_state(state)
+    batch = score_batch(batch, data.reward)
+    correct = torch.nan_to_num(batch.scores, nan=0.0).view(len(data.val), e.n)  # [P, n]
+    c = (correct > 0.5).sum(1).tolist()
+    out = {"val/mean@n": float(correct.mean())}
+    for k in e.ks:
+        out[f"val/pass@{k}"] = float(np.mean([pass_at_k(e.n, ci, k) for ci in c]))
+    levels = sorted({x.get("difficulty") for x in data.val if x.get("difficulty") is not None})
+    for lvl in levels:
+        rows = [i for i, x in enumerate(data.val) if x.get("difficulty") == lvl]
+        out[f"val/mean@n_d{lvl}"] = float(correct[rows].mean())
+    out["val/response_len"] = float(batch.response_lengths().float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns: its directory and headline numbers."""
+
+    run_dir: Path
+    steps: int
+    val_before: dict[str, float] = field(default_factory=dict)
+    val_after: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run the RL loop of ``cfg``; ``resume`` continues from the run's last checkpoint."""
+    run_dir = Path(cfg.log.out)
+    ckpt = Checkpointer(run_dir, cfg.log.keep_last)
+    latest = ckpt.latest() if resume else None
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(
+            f"log.out={str(run_dir)!r} already holds a run; pass --resume to continue it "
+            f"or choose another directory"
+        )
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.trainer.seed)
+    device = resolve_device(cfg.model.device)
+
+    model, tokenizer = load_policy(cfg.model.path, device, cfg.model.dtype)
+    if latest is not None:
+        from safetensors.torch import load_file
+
+        weights = sorted((latest / "model").glob("*.safetensors"))
+        state_dict: dict[str, torch.Tensor] = {}
+        for w in weights:
+            state_dict.update(load_file(str(w)))
+        model.load_state_dict(state_dict, strict=False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    data = load_task_data(cfg, tokenizer)
+    if cfg.rollout.group_size < 2 and cfg.algo.estimator in ("qae", "grpo", "drgrpo", "rloo"):
+        raise ValueError(
+            f"rollout.group_size={cfg.rollout.group_size}: the {cfg.algo.estimator!r} "
+            f"estimator compares responses within a group and needs G >= 2"
+        )
+    ref_model = None
+    if cfg.loss.kl_coef > 0:
+        ref_model, _ = load_policy(cfg.model.path, device, cfg.model.dtype)
+        ref_model.requires_grad_(False)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    pad_id = tokenizer.pad_token_id
+
+    start = 0
+    val_before: dict[str, float] = {}
+    if latest is not None:
+        state = Checkpointer.load_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        data.train.consumed = int(state["consumed"])
+        start = int(state["step"])
+        val_before = dict(state.get("val_before", {}))
+    save_yaml_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(
+        run_dir,
+        resume_step=start if latest is not None else None,
+        tensorboard=cfg.log.tensorboard,
+        wandb_project=cfg.log.wandb,
+        mlflow_experiment=cfg.log.mlflow,
+        config=config_to_dict(cfg),
+    )
+    progress = None
+    if cfg.log.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.trainer.steps, initial=start, desc="qae train", unit="step")
+    last: dict[str, float] = {}
+    try:
+        if start == 0:
+            val_before = validate(model, tokenizer, data, cfg)
+            if val_before:
+                logger.log(0, val_before)
+        for step in range(start + 1, cfg.trainer.steps + 1):
+            last = train_step(
+                step, model, ref_model, tokenizer, optimizer, scheduler, data, cfg, device, pad_id
+            )
+            e = cfg.eval
+            if e.every and step % e.every == 0 and step != cfg.trainer.steps:
+                last.update(validate(model, tokenizer, data, cfg))
+            if step == cfg.trainer.steps:
+                last.update(validate(model, tokenizer, data, cfg))
+            logger.log(step, last)
+            every = cfg.log.checkpoint_every
+            if step == cfg.trainer.steps or (every and step % every == 0):
+                ckpt.save(
+                    step,
+                    model,
+                    tokenizer,
+                    {
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate(),
+                        "consumed": data.train.consumed,
+                        "val_before": val_before,
+                    },
+                )
+            if on_step is not None:
+                on_step(step, last)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    reward=f"{last.get('reward/mean', 0):.2f}",
+                    acc=f"{last.get('rollout/accuracy_all', 0):.2f}",
+                    ent=f"{last.get('actor/entropy', 0):.3f}",
+                    zero_adv=f"{last.get('adv/frac_zero_adv', 0):.2f}",
+                )
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+    val_after = {k: v for k, v in last.items() if k.startswith("val/")}
+    return TrainResult(run_dir, cfg.trainer.steps, val_before, val_after, last)
+
+
+def train_step(
+    step: int,
+    model: Any,
+    ref_model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: TaskData,
+    cfg: TrainConfig,
+    device: torch.device,
+    pad_id: int,
+) -> dict[str, float]:
+    """One rollout-score-advantage-update step; returns its metrics."""
+    t_start = time.perf_counter()
+    batch, metrics = collect_rollouts(model, tokenizer, data, cfg)
+    batch = shape_rewards(batch, cfg, data.max_new_tokens)
+    b = len(batch)
+    metrics["batch/responses"] = b
+    if b == 0:
+        metrics["train/skipped"] = 1
+        metrics["time/step"] = time.perf_counter() - t_start
+        return metrics
+
+    a = cfg.algo
+    adv = compute_advantages(
+        batch.rewards,
+        batch.group_ids,
+        a.estimator,
+        k=a.k,
+        quantile_method=a.quantile_method,
+        scale=a.scale or None,
+        eps=a.eps,
+        singleton=a.singleton,
+        nan="unscorable",
+    )
+    stats = advantage_stats(
+        adv,
+        batch.rewards,
+        batch.group_ids,
+        k=a.k,
+        quantile_method=a.quantile_method,
+        nan="unscorable",
+    )
+    metrics.update({f"adv/{k}": v for k, v in stats.items()})
+    metrics["adv/k"] = a.k
+    metrics["adv/abs_mean"] = float(adv.abs().mean())
+
+    t0 = time.perf_counter()
+    rows = list(range(b))
+    on_policy = cfg.trainer.ppo_epochs * cfg.trainer.mini_batches == 1
+    old_logp = old_ent = None
+    if not on_policy:
+        old_logp, old_ent = batch_logprobs(model, batch, rows, pad_id, cfg, device)
+    ref_logp = None
+    if ref_model is not None:
+        ref_logp, _ = batch_logprobs(ref_model, batch, rows, pad_id, cfg, device)
+    t_logp = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    upd, fresh_logp, fresh_ent = update_policy(
+        model, optimizer, scheduler, batch, adv, old_logp, ref_logp, pad_id, cfg, device, step
+    )
+    t_train = time.perf_counter() - t0
+    metrics.update(upd)
+    if old_logp is None:
+        old_logp, old_ent = fresh_logp, fresh_ent
+
+    width = old_logp.shape[1]
+    mask = _token_mask(batch, rows, width)
+    full_mask = torch.zeros(b, width)
+    lengths = batch.response_lengths()
+    for i, n in enumerate(lengths.tolist()):
+        full_mask[i, :n] = 1.0
+    adv_tok = broadcast_to_tokens(adv.float(), mask)
+    metrics["actor/entropy"] = float(masked_mean(old_ent, full_mask))
+    metrics["actor/entropy_change_pred"] = (
+        float(entropy_change_predictor(old_logp, adv_tok, mask)) if mask.sum() > 0 else 0.0
+    )
+    finite = batch.rewards[~torch.isnan(batch.rewards)]
+    metrics["reward/mean"] = float(finite.mean()) if finite.numel() else 0.0
+    scores = batch.scores[~torch.isnan(batch.scores)]
+    metrics["reward/accuracy"] = float(scores.mean()) if scores.numel() else 0.0
+    metrics["response/len_mean"] = float(lengths.float().mean())
+    metrics["response/len_max"] = float(lengths.max())
+    metrics["response/truncated"] = float(batch.truncated.float().mean())
+    metrics["time/logprob"] = t_logp
+    metrics["time/train"] = t_train
+    step_time = time.perf_counter() - t_start
+    metrics["time/step"] = step_time
+    metrics["perf/tokens_per_s"] = float(lengths.sum()) / step_time
+    return metrics
