@@ -33,7 +33,7 @@ def test_every_preset_loads(name):
 def test_presets_exist():
     assert {"default", "dapo"} <= set(preset_names())
     dapo = load_preset("dapo")
-    assert dapo.rollout.group_size == 16 and dapo.algo.k == 0.4
+    assert dapo.rollout.group_size == 16 and dapo.kcontrol.k == 0.4
     assert (dapo.loss.clip_low, dapo.loss.clip_high, dapo.loss.clip_ratio_c) == (0.2, 0.28, 10.0)
     assert dapo.eval.n == 32 and dapo.eval.temperature == 0.7 and dapo.eval.ks == [1, 16]
     assert dapo.rollout.overlong == "penalty" and dapo.rollout.overlong_buffer == 4096
@@ -48,7 +48,7 @@ def test_cli_flags_override_and_coerce():
     add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(
         [
-            "--algo.k",
+            "--kcontrol.k",
             "0.6",
             "--eval.ks",
             "1,2",
@@ -61,7 +61,7 @@ def test_cli_flags_override_and_coerce():
         ]
     )
     cfg = config_from_args(TrainConfig, args)
-    assert cfg.algo.k == 0.6 and cfg.eval.ks == [1, 2]
+    assert cfg.kcontrol.k == 0.6 and cfg.eval.ks == [1, 2]
     assert cfg.rollout.dynamic_sampling is False and cfg.loss.clip_ratio_c is None
     assert cfg.trainer.steps == 3
     # untouched fields keep defaults
@@ -71,9 +71,9 @@ def test_cli_flags_override_and_coerce():
 @pytest.mark.parametrize(
     "override, match",
     [
-        ({"algo.kk": 0.5}, r"unknown config field 'algo.kk'; known: .*algo.k"),
-        ({"algo.k": "high"}, r"algo.k: expected float, got 'high'"),
-        ({"algo.k": 1.5}, r"algo: k must be in \(0, 1\), got k=1.5"),
+        ({"algo.kk": 0.5}, r"unknown config field 'algo.kk'; known: .*kcontrol.k"),
+        ({"kcontrol.k": "high"}, r"kcontrol.k: expected float, got 'high'"),
+        ({"kcontrol.k": 1.5}, r"kcontrol: k must be in \(0, 1\)"),
         ({"trainer.steps": 2.5}, r"trainer.steps: expected int, got 2.5"),
         ({"rollout.dynamic_sampling": "maybe"}, r"expected bool, got 'maybe'"),
         ({"algo.estimator": "mystery"}, r"unknown advantage estimator estimator='mystery'"),
@@ -89,7 +89,7 @@ def test_bad_values_name_the_field(override, match):
 
 def test_yaml_round_trip(tmp_path):
     cfg = TrainConfig()
-    apply_overrides(cfg, {"algo.k": 0.6, "eval.ks": [1, 2], "log.out": "x"})
+    apply_overrides(cfg, {"kcontrol.k": 0.6, "eval.ks": [1, 2], "log.out": "x"})
     save_yaml_config(cfg, tmp_path / "c.yaml")
     back = load_yaml_config(TrainConfig, tmp_path / "c.yaml")
     assert dataclasses.asdict(back) == dataclasses.asdict(cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qae.advantages import QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
 from qae.configtools import load_yaml_config
+from qae.kcontrol import KControlConfig
 from qae.losses import LossConfig
 
 __all__ = [
@@ -155,14 +156,10 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    """Advantage estimation."""
+    """Advantage estimation (QAE's K lives in the ``kcontrol`` section)."""
 
     estimator: str = "qae"
     """Registered advantage estimator: ``qae``, ``grpo``, ``drgrpo``, ``rloo``."""
-
-    k: float = 0.4
-    """QAE quantile level K in (0, 1): larger K gives fewer non-zero advantages and more
-    exploration (raise to 0.6 if entropy collapses)."""
 
     quantile_method: str = "inverted_cdf"
     """How QAE takes the quantile: ``inverted_cdf`` (the paper) or a ``torch.quantile``
@@ -180,8 +177,6 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         estimators.get(self.estimator)
-        if not (isinstance(self.k, (int, float)) and 0 < self.k < 1):
-            raise ValueError(f"k must be in (0, 1), got k={self.k!r}")
         if self.quantile_method not in QUANTILE_METHODS:
             raise ValueError(
                 f"quantile_method must be one of {', '.join(QUANTILE_METHODS)}, "
@@ -326,6 +321,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    kcontrol: KControlConfig = field(default_factory=KControlConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

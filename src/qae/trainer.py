@@ -34,6 +34,7 @@ from qae.config import BUILTIN, TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
+from qae.kcontrol import KController, make_controller
 from qae.losses import batch_counts, compute_policy_loss
 from qae.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
 from qae.runlog import Checkpointer, MetricsLogger
@@ -521,6 +522,7 @@ def train(
         ref_model, _ = load_policy(cfg.model.path, device, cfg.model.dtype)
         ref_model.requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg)
+    kctrl = make_controller(cfg.kcontrol)
     pad_id = tokenizer.pad_token_id
 
     start = 0
@@ -534,6 +536,7 @@ def train(
         data.train.consumed = int(state["consumed"])
         start = int(state["step"])
         val_before = dict(state.get("val_before", {}))
+        kctrl.load_state_dict(state["kcontrol"])
     save_yaml_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
         run_dir,
@@ -556,7 +559,17 @@ def train(
                 logger.log(0, val_before)
         for step in range(start + 1, cfg.trainer.steps + 1):
             last = train_step(
-                step, model, ref_model, tokenizer, optimizer, scheduler, data, cfg, device, pad_id
+                step,
+                model,
+                ref_model,
+                tokenizer,
+                optimizer,
+                scheduler,
+                data,
+                cfg,
+                device,
+                pad_id,
+                kctrl,
             )
             e = cfg.eval
             if e.every and step % e.every == 0 and step != cfg.trainer.steps:
@@ -609,8 +622,13 @@ def train_step(
     cfg: TrainConfig,
     device: torch.device,
     pad_id: int,
+    kctrl: KController,
 ) -> dict[str, float]:
-    """One rollout-score-advantage-update step; returns its metrics."""
+    """One rollout-score-advantage-update step; returns its metrics.
+
+    The K controller gives this step's K (a float, or one per group) and is updated with
+    the step's entropy and sparsity afterwards.
+    """
     t_start = time.perf_counter()
     batch, metrics = collect_rollouts(model, tokenizer, data, cfg)
     batch = shape_rewards(batch, cfg, data.max_new_tokens)
@@ -622,11 +640,12 @@ def train_step(
         return metrics
 
     a = cfg.algo
+    k = kctrl.batch_k(batch.rewards, batch.group_ids)
     adv = compute_advantages(
         batch.rewards,
         batch.group_ids,
         a.estimator,
-        k=a.k,
+        k=k,
         quantile_method=a.quantile_method,
         scale=a.scale or None,
         eps=a.eps,
@@ -637,12 +656,12 @@ def train_step(
         adv,
         batch.rewards,
         batch.group_ids,
-        k=a.k,
+        k=k,
         quantile_method=a.quantile_method,
         nan="unscorable",
     )
-    metrics.update({f"adv/{k}": v for k, v in stats.items()})
-    metrics["adv/k"] = a.k
+    metrics.update({f"adv/{name}": v for name, v in stats.items()})
+    metrics["adv/k"] = float(k.mean()) if isinstance(k, torch.Tensor) else float(k)
     metrics["adv/abs_mean"] = float(adv.abs().mean())
 
     t0 = time.perf_counter()
@@ -688,4 +707,12 @@ def train_step(
     step_time = time.perf_counter() - t_start
     metrics["time/step"] = step_time
     metrics["perf/tokens_per_s"] = float(lengths.sum()) / step_time
+    kctrl.update(
+        {
+            "step": step,
+            "entropy": metrics["actor/entropy"],
+            "frac_zero_adv": metrics["adv/frac_zero_adv"],
+        }
+    )
+    metrics.update({f"kcontrol/{name}": v for name, v in kctrl.metrics().items()})
     return metrics
