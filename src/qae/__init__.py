@@ -12,12 +12,14 @@ from qae.advantages import (
     group_quantile,
     register_estimator,
 )
+from qae.data import PromptRecord, load_prompts
 from qae.entropy import (
     entropy_change_predictor,
     masked_mean,
     selective_log_softmax,
     token_entropy,
 )
+from qae.evaluation import evaluate, pass_at_k
 from qae.kcontrol import (
     KControlConfig,
     KController,
@@ -38,6 +40,7 @@ from qae.losses import (
     policy_losses,
     register_policy_loss,
 )
+from qae.rewards import get_reward, math_score, register_reward, reward_functions, score_batch
 
 __version__ = "0.1.0"
 
@@ -51,9 +54,9 @@ __all__ = [
     "Groups",
     "KControlConfig",
     "KController",
-    "StepSignals",
     "LossConfig",
-    "__version__",
+    "PromptRecord",
+    "StepSignals",
     "advantage_stats",
     "aggregate_loss",
     "batch_counts",
@@ -63,14 +66,23 @@ __all__ = [
     "difficulty_k",
     "entropy_change_predictor",
     "estimators",
+    "evaluate",
+    "get_reward",
     "group_quantile",
     "kl_penalty",
+    "load_prompts",
     "make_controller",
     "masked_mean",
+    "math_score",
+    "pass_at_k",
     "policy_losses",
     "register_controller",
     "register_estimator",
     "register_policy_loss",
+    "register_reward",
+    "reward_functions",
+    "score_batch",
     "selective_log_softmax",
     "token_entropy",
+    "__version__",
 ]

@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_regimes)
 
+    from qae.evaluation import add_eval_parser
     from qae.lab.simulate import add_simulate_parser
 
+    add_eval_parser(sub)
     add_simulate_parser(sub)
 
     from qae.config import TrainConfig, preset_names
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"qae {args.command}: error: {err}", file=sys.stderr)
         return 2
 
