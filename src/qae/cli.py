@@ -48,9 +48,13 @@ def _train(args: argparse.Namespace) -> int:
     """Run the RL loop from a preset or YAML plus per-field flags."""
     import time
 
+    from transformers.utils import logging as hf_logging
+
     from qae.config import TrainConfig, load_preset
     from qae.configtools import config_from_args, load_yaml_config
     from qae.trainer import train
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
 
     cfg = load_preset(args.config) if args.config else TrainConfig()
     run_cfg = Path(_cfg_out(args)) / "config.yaml"

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from qae.advantages import advantage_stats, broadcast_to_tokens, compute_advantages
 from qae.config import BUILTIN, TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
+from qae.data import PromptRecord
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
@@ -50,21 +52,34 @@ class PromptStream:
     """An endless, resumable stream of training records.
 
     ``records`` is either a list (shuffled anew each epoch with ``seed + epoch``) or a
-    function ``index -> record`` (the built-in task generates prompt ``i`` from the seed).
-    The only state is the number of records consumed.
+    zero-argument factory of an endless iterator (the built-in task's generator, which is
+    reproducible from its seed). The only state is the number of records consumed.
     """
 
-    def __init__(self, records: Sequence[dict] | Callable[[int], dict], seed: int = 0) -> None:
+    def __init__(
+        self, records: Sequence[PromptRecord] | Callable[[], Iterator[PromptRecord]], seed: int = 0
+    ) -> None:
         if not callable(records) and len(records) == 0:
             raise ValueError("the training set is empty")
         self.records = records
         self.seed = seed
         self.consumed = 0
         self._order: tuple[int, np.ndarray] | None = None
+        self._iter: Iterator[PromptRecord] | None = None
+        self._iter_pos = 0
 
-    def _record(self, i: int) -> dict:
+    def _from_iterator(self, i: int) -> PromptRecord:
+        if self._iter is None or self._iter_pos > i:
+            self._iter, self._iter_pos = self.records(), 0  # type: ignore[operator]
+        while self._iter_pos < i:  # resume: replay the generator up to position i
+            next(self._iter)
+            self._iter_pos += 1
+        self._iter_pos += 1
+        return next(self._iter)
+
+    def _record(self, i: int) -> PromptRecord:
         if callable(self.records):
-            return self.records(i)
+            return self._from_iterator(i)
         n = len(self.records)
         epoch, pos = divmod(i, n)
         if self._order is None or self._order[0] != epoch:
@@ -72,10 +87,16 @@ class PromptStream:
             self._order = (epoch, perm)
         return self.records[int(self._order[1][pos])]
 
-    def take(self, n: int) -> list[dict]:
+    def take(self, n: int) -> list[PromptRecord]:
         out = [self._record(self.consumed + j) for j in range(n)]
         self.consumed += n
         return out
+
+
+def task_record(row: dict, index: int, source: str = "arithmetic") -> PromptRecord:
+    """A built-in task row (``prompt``, ``answer``, ``difficulty``) as a prompt record."""
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+    return PromptRecord(f"{source}-{index}", row["prompt"], str(row["answer"]), source, None, meta)
 
 
 # --------------------------------------------------------------------------------------
@@ -121,39 +142,42 @@ def load_policy(path: str, device: torch.device, dtype: str = "auto"):
 @dataclass
 class TaskData:
     train: PromptStream
-    val: list[dict]
+    val: list[PromptRecord]
     reward: Callable[[str, Any], float | None]
     max_new_tokens: int
-    format_prompt: Callable[[dict], str]
+    format_prompt: Callable[[PromptRecord], str]
 
 
 def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     """Training stream, validation records, reward function and prompt formatter."""
     from qae.data import load_prompts
-    from qae.evaluation import format_prompt
+    from qae.evaluation import build_prompt
     from qae.rewards import get_reward
+    from qae.tasks import arithmetic
+    from qae.tasks.tiny_model import MAX_NEW_TOKENS
 
     d = cfg.data
+    keys = dict(problem_key=d.problem_key or None, answer_key=d.answer_key or None)
     builtin_train = d.train == BUILTIN
     max_new = cfg.rollout.max_new_tokens
-    if builtin_train or d.val == BUILTIN:
-        from qae.tasks import arithmetic
-
     if builtin_train:
-        train = PromptStream(arithmetic.train_record_fn(seed=d.seed), seed=d.seed)
-        max_new = max_new or arithmetic.MAX_NEW_TOKENS
+
+        def stream() -> Iterator[PromptRecord]:
+            for i, row in enumerate(arithmetic.iter_train(d.seed)):
+                yield task_record(row, i)
+
+        train = PromptStream(stream, seed=d.seed)
+        max_new = max_new or MAX_NEW_TOKENS
     else:
-        records = load_prompts(
-            d.train, problem_key=d.problem_key or None, answer_key=d.answer_key or None
-        )
-        train = PromptStream(records, seed=d.seed)
+        train = PromptStream(load_prompts(d.train, **keys), seed=d.seed)
         max_new = max_new or 1024
     if d.val == BUILTIN:
-        val = list(arithmetic.validation_split())
+        val = [
+            task_record(r, i, "validation")
+            for i, r in enumerate(arithmetic.make_split("validation"))
+        ]
     elif d.val:
-        val = load_prompts(
-            d.val, problem_key=d.problem_key or None, answer_key=d.answer_key or None
-        )
+        val = load_prompts(d.val, **keys)
     else:
         val = []
     if d.val_size:
@@ -162,9 +186,15 @@ def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     if reward_name == "auto":
         reward_name = "arithmetic" if builtin_train else "math"
     reward = get_reward(reward_name)
+    if getattr(tokenizer, "chat_template", None) is None and d.template != "raw":
+        warnings.warn(
+            f"the tokenizer has no chat template: data.template={d.template!r} is applied "
+            f"to the raw problem text",
+            stacklevel=2,
+        )
 
-    def fmt(record: dict) -> str:
-        return format_prompt(record, tokenizer, d.template)
+    def fmt(record: PromptRecord) -> str:
+        return build_prompt(record, tokenizer, d.template)[0]
 
     return TaskData(train, val, reward, max_new, fmt)
 
@@ -224,7 +254,7 @@ def collect_rollouts(
             model,
             tokenizer,
             [data.format_prompt(x) for x in records],
-            [x["answer"] for x in records],
+            [x.answer for x in records],
             group_size=r.group_size,
             temperature=r.temperature,
             top_p=r.top_p,
@@ -442,7 +472,7 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
             model,
             tokenizer,
             [data.format_prompt(x) for x in data.val],
-            [x["answer"] for x in data.val],
+            [x.answer for x in data.val],
             group_size=e.n,
             temperature=e.temperature,
             top_p=e.top_p,
@@ -457,9 +487,9 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
     out = {"val/mean@n": float(correct.mean())}
     for k in e.ks:
         out[f"val/pass@{k}"] = float(np.mean([pass_at_k(e.n, ci, k) for ci in c]))
-    levels = sorted({x.get("difficulty") for x in data.val if x.get("difficulty") is not None})
+    levels = sorted({x.meta.get("difficulty") for x in data.val} - {None})
     for lvl in levels:
-        rows = [i for i, x in enumerate(data.val) if x.get("difficulty") == lvl]
+        rows = [i for i, x in enumerate(data.val) if x.meta.get("difficulty") == lvl]
         out[f"val/mean@n_d{lvl}"] = float(correct[rows].mean())
     out["val/response_len"] = float(batch.response_lengths().float().mean())
     return out
@@ -591,6 +621,7 @@ def train(
                         "python_rng": random.getstate(),
                         "consumed": data.train.consumed,
                         "val_before": val_before,
+                        "kcontrol": kctrl.state_dict(),
                     },
                 )
             if on_step is not None:
