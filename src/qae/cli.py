@@ -44,6 +44,19 @@ def _regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+# Short flags for the fields people change most.
+TRAIN_ALIASES = {
+    "algo.estimator": ["--estimator"],
+    "kcontrol.k": ["--k"],
+    "model.path": ["--model"],
+    "data.train": ["--data"],
+    "trainer.steps": ["--steps"],
+    "optim.lr": ["--lr"],
+    "trainer.seed": ["--seed"],
+    "log.out": ["--out"],
+}
+
+
 def _train(args: argparse.Namespace) -> int:
     """Run the RL loop from a preset or YAML plus per-field flags."""
     import time
@@ -136,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --log.out from its checkpoint"
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    add_config_arguments(p, TrainConfig)
+    add_config_arguments(p, TrainConfig, TRAIN_ALIASES)
     p.set_defaults(func=_train)
     return parser
 

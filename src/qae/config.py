@@ -94,7 +94,7 @@ class DataConfig:
     """Registered reward function: ``auto`` picks ``arithmetic`` for the built-in task and
     ``math`` otherwise."""
 
-    val_size: int = 256
+    val_size: int = 0
     """Validation prompts used (the first N of the held-out split); 0 = all."""
 
     seed: int = 0
@@ -195,8 +195,8 @@ class AlgoConfig:
 class OptimConfig:
     """AdamW and its schedule."""
 
-    lr: float = 5e-5
-    """Peak learning rate."""
+    lr: float = 1e-4
+    """Peak learning rate (the embedded default's tiny model; real models want ~1e-6)."""
 
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -227,7 +227,7 @@ class OptimConfig:
 class TrainerConfig:
     """The loop."""
 
-    steps: int = 200
+    steps: int = 300
     """Training steps (one rollout batch each)."""
 
     ppo_epochs: int = 1
@@ -256,7 +256,7 @@ class TrainerConfig:
 class EvalConfig:
     """Validation on the held-out split."""
 
-    every: int = 50
+    every: int = 100
     """Validate every N steps (and before the first and after the last); 0 = only
     before and after."""
 

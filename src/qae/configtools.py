@@ -19,7 +19,7 @@ import tempfile
 import textwrap
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +231,14 @@ def save_yaml_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--section.name`` flag per leaf, help text and default included."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, aliases: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """Add one ``--section.name`` flag per leaf, help text and default included.
+
+    ``aliases`` maps a dotted name to extra short flags (``{"algo.estimator": ["--estimator"]}``).
+    """
+    aliases = aliases or {}
     defaults = cls()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f, tp, owner in iter_leaves(cls):
@@ -247,6 +253,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         extra = f" (choices: {', '.join(map(str, choices))})" if choices else ""
         groups[section].add_argument(
             f"--{name}",
+            *aliases.get(name, ()),
             dest=f"cfg:{name}",
             default=argparse.SUPPRESS,
             metavar=_type_name(tp).upper().replace(" ", "_"),
