@@ -240,6 +240,15 @@ class TrainerConfig:
     micro_batch_size: int = 64
     """Responses per forward/backward (gradient accumulation bounds memory)."""
 
+    skip_zero_adv: bool = True
+    """Leave responses whose advantage is exactly 0 out of the update's forward/backward
+    when that cannot change the gradient (ppo/gspo losses without KL or entropy terms;
+    the loss keeps the full mini-batch's denominators)."""
+
+    full_batch_metrics: bool = True
+    """Entropy and the entropy-change predictor over every response: rows the update
+    skips get a forward pass without gradient. False = over updated rows only (faster)."""
+
     seed: int = 0
     """Seed of every random number generator."""
 

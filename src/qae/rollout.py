@@ -156,11 +156,13 @@ def response_logprobs(
     inputs: dict[str, Tensor],
     *,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the response tokens of one collated micro-batch.
 
-    Gradients flow when called outside ``torch.no_grad``. Logits are divided by the
+    Gradients flow into ``logp`` when called outside ``torch.no_grad``, and into the
+    entropy only with ``entropy_grad`` (an entropy bonus). Logits are divided by the
     sampling ``temperature`` so the log-probs are those of the policy that sampled.
 
     Returns:
@@ -174,7 +176,13 @@ def response_logprobs(
         picked = picked / temperature
     mask = inputs["response_mask"]
     logp = selective_log_softmax(picked, inputs["targets"]) * mask  # [b, T]
-    entropy = token_entropy(picked) * mask if with_entropy else None  # [b, T]
+    entropy = None
+    if with_entropy:
+        if entropy_grad:
+            entropy = token_entropy(picked) * mask  # [b, T]
+        else:
+            with torch.no_grad():  # a metric only: no graph
+                entropy = token_entropy(picked.detach()) * mask  # [b, T]
     return logp, entropy
 
 

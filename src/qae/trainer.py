@@ -18,6 +18,7 @@ Where this loop departs from the paper's DAPO recipe (verl):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -334,6 +335,19 @@ def batch_logprobs(
     return logp, ent
 
 
+def _scatter_rows(
+    pair: tuple[torch.Tensor, torch.Tensor], rows: Sequence[int], b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place ``[len(rows), T]`` results at their rows of ``[B, T]`` zeros."""
+    out = []
+    for x in pair:
+        full = torch.zeros(b, x.shape[1])
+        if rows:
+            full[torch.tensor(list(rows))] = x
+        out.append(full)
+    return out[0], out[1]
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -347,6 +361,124 @@ def _token_mask(batch: Batch, rows: Sequence[int], width: int) -> torch.Tensor:
         if batch.loss_rows[i]:
             mask[j, : len(batch.response_ids[i])] = 1.0
     return mask
+
+
+def skip_is_exact(cfg: TrainConfig) -> bool:
+    """Whether zero-advantage rows can leave the update without changing the gradient.
+
+    True for the ``ppo`` and ``gspo`` losses without KL or entropy terms: a token with
+    advantage 0 has loss 0 under every clip, so its row adds nothing but its count to the
+    denominator (taken from the full mini-batch). Clip-Cov / KL-Cov pick tokens by
+    statistics over all rows, and the KL / entropy terms have gradients on every row, so
+    with those every row stays in the update.
+    """
+    lc = cfg.loss
+    return (
+        cfg.trainer.skip_zero_adv
+        and lc.loss in ("ppo", "gspo")
+        and lc.kl_coef == 0
+        and lc.entropy_coef == 0
+    )
+
+
+def _active_rows(
+    batch: Batch, rows: Sequence[int], advantages: torch.Tensor, skip: bool
+) -> list[int]:
+    """Rows that take part in the forward/backward: all loss rows, or (skipping) those
+    with a non-zero advantage."""
+    return [
+        i
+        for i in rows
+        if batch.loss_rows[i]
+        and len(batch.response_ids[i]) > 0
+        and (not skip or bool(advantages[i] != 0))
+    ]
+
+
+def accumulate_gradients(
+    model: Any,
+    batch: Batch,
+    rows: Sequence[int],
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    pad_id: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    *,
+    skip: bool,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], int]:
+    """Backward of one mini-batch's loss (no optimizer step); returns metrics, rows run.
+
+    The loss is normalised by the counts of the whole mini-batch (``rows``), so summing
+    micro-batches, and leaving zero-advantage rows out (``skip``), give the gradient of
+    the full mini-batch loss. ``old_logp`` None means on-policy: the forward pass itself
+    provides the sampling policy's log-probs, written into ``fresh`` (logp, entropy).
+    """
+    width = max((len(batch.response_ids[i]) for i in rows), default=1)
+    denom = batch_counts(_token_mask(batch, rows, width))
+    active = _active_rows(batch, rows, advantages, skip)
+    loss_cfg = cfg.loss
+    if loss_cfg.max_len is None:  # a fixed Dr. GRPO normaliser, whatever the packing
+        loss_cfg = dataclasses.replace(loss_cfg, max_len=max(width, 1))
+    sums: dict[str, float] = {}
+    tokens_seen = 0.0
+    for mb in _micro_batches(active, cfg.trainer.micro_batch_size):
+        inputs = collate(
+            [batch.prompt_ids[i] for i in mb], [batch.response_ids[i] for i in mb], pad_id, device
+        )
+        w = inputs["targets"].shape[1]
+        mask = _token_mask(batch, mb, w).to(device)  # [b, T]
+        with _autocast(device):
+            logp, ent = response_logprobs(
+                model,
+                inputs,
+                with_entropy=True,
+                entropy_grad=loss_cfg.entropy_coef > 0,
+                temperature=cfg.rollout.temperature or 1.0,
+            )
+        if logp.dtype in (torch.float16, torch.bfloat16):  # autocast: losses in float32
+            logp, ent = logp.float(), ent.float()  # [b, T]
+        idx = torch.tensor(mb)
+        if old_logp is None:
+            old = logp.detach()
+            if fresh is not None:
+                fresh[0][idx, :w] = old.cpu()
+                fresh[1][idx, :w] = ent.detach().cpu()
+        else:
+            old = old_logp[idx, :w].to(device)
+        ref = ref_logp[idx, :w].to(device) if ref_logp is not None else None
+        adv_tok = broadcast_to_tokens(advantages[idx].to(device, logp.dtype), mask)  # [b, T]
+        loss, metrics = compute_policy_loss(
+            logp,
+            old,
+            adv_tok,
+            mask,
+            config=loss_cfg,
+            ref_logp=ref,
+            entropy=ent,
+            denominator=denom,
+            generator=generator,
+        )
+        if loss.requires_grad:
+            loss.backward()
+        n_tok = float(mask.sum())
+        tokens_seen += n_tok
+        for k, v in metrics.items():
+            if k in ("loss", "pg_loss", "num_tokens", "cov_tokens"):
+                sums[k] = sums.get(k, 0.0) + v  # partial sums over the global denominator
+            else:
+                sums[k] = sums.get(k, 0.0) + v * n_tok  # token-weighted means
+    out = {
+        k: (v if k in ("loss", "pg_loss", "num_tokens", "cov_tokens") else v / tokens_seen)
+        for k, v in sums.items()
+        if tokens_seen > 0 or k in ("loss", "pg_loss")
+    }
+    out.setdefault("loss", 0.0)
+    out.setdefault("pg_loss", 0.0)
+    return out, len(active)
 
 
 def update_policy(
@@ -365,92 +497,81 @@ def update_policy(
     """PPO epochs over mini-batches of groups; returns metrics (and on-policy log-probs).
 
     When ``old_logp`` is None (one epoch, one mini-batch) the update's forward pass gives
-    the sampling policy's log-probs and entropies, returned for the metrics.
+    the sampling policy's log-probs and entropies, returned for the metrics; rows the
+    update skips get them from a forward pass without gradient when
+    ``trainer.full_batch_metrics`` asks for them (and stay 0 otherwise).
     """
     tr = cfg.trainer
     b = len(batch)
     width = max((len(r) for r in batch.response_ids), default=1)
     group_list = torch.unique(batch.group_ids).tolist()
-    gen = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + step)
+    skip = skip_is_exact(cfg)
+    fresh = None
+    if old_logp is None:
+        fresh = (torch.zeros(b, width), torch.zeros(b, width))
+        if tr.full_batch_metrics:
+            updated = set(_active_rows(batch, range(b), advantages, skip))
+            rest = [i for i in range(b) if i not in updated]
+            if rest:  # before the step: these are the sampling policy's numbers
+                lp, en = batch_logprobs(model, batch, rest, pad_id, cfg, device)
+                idx = torch.tensor(rest)
+                fresh[0][idx, : lp.shape[1]] = lp
+                fresh[1][idx, : en.shape[1]] = en
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
     grad_norms: list[float] = []
-    fresh_logp = torch.zeros(b, width) if old_logp is None else None
-    fresh_ent = torch.zeros(b, width) if old_logp is None else None
+    rows_run = 0
+    rows_total = 0
     for _epoch in range(tr.ppo_epochs):
         order = torch.randperm(len(group_list), generator=gen).tolist()
         if tr.ppo_epochs * tr.mini_batches == 1:
             order = list(range(len(group_list)))
-        splits = np.array_split(np.array(order, dtype=np.int64), tr.mini_batches)
-        for split in splits:
+        for split in np.array_split(np.array(order, dtype=np.int64), tr.mini_batches):
             chosen = {group_list[i] for i in split.tolist()}
             rows = [i for i in range(b) if int(batch.group_ids[i]) in chosen]
             if not rows:
                 continue
-            denom = batch_counts(_token_mask(batch, rows, width))
             optimizer.zero_grad(set_to_none=True)
-            for mb in _micro_batches(rows, tr.micro_batch_size):
-                inputs = collate(
-                    [batch.prompt_ids[i] for i in mb],
-                    [batch.response_ids[i] for i in mb],
-                    pad_id,
-                    device,
-                )
-                w = inputs["targets"].shape[1]
-                mask = _token_mask(batch, mb, w).to(device)
-                with _autocast(device):
-                    logp, ent = response_logprobs(
-                        model,
-                        inputs,
-                        with_entropy=True,
-                        temperature=cfg.rollout.temperature or 1.0,
-                    )
-                logp = logp.float()
-                ent = ent.float()
-                idx = torch.tensor(mb)
-                if old_logp is None:
-                    old = logp.detach()
-                    fresh_logp[idx, :w] = old.cpu()
-                    fresh_ent[idx, :w] = ent.detach().cpu()
-                else:
-                    old = old_logp[idx, :w].to(device)
-                ref = ref_logp[idx, :w].to(device) if ref_logp is not None else None
-                adv_tok = broadcast_to_tokens(advantages[idx].float().to(device), mask)
-                loss, metrics = compute_policy_loss(
-                    logp,
-                    old,
-                    adv_tok,
-                    mask,
-                    config=cfg.loss,
-                    ref_logp=ref,
-                    entropy=ent if cfg.loss.entropy_coef > 0 else ent.detach(),
-                    denominator=denom,
-                    generator=gen,
-                )
-                if loss.requires_grad:
-                    loss.backward()
-                weight = len(mb)
-                for k, v in metrics.items():
-                    if k in ("num_tokens", "cov_tokens"):
-                        sums[k] = sums.get(k, 0.0) + v
-                        counts[k] = 1
-                    else:
-                        sums[k] = sums.get(k, 0.0) + v * weight
-                        counts[k] = counts.get(k, 0) + weight
+            metrics, n_run = accumulate_gradients(
+                model,
+                batch,
+                rows,
+                advantages,
+                old_logp,
+                ref_logp,
+                pad_id,
+                cfg,
+                device,
+                gen,
+                skip=skip,
+                fresh=fresh,
+            )
+            rows_run += n_run
+            rows_total += len(rows)
+            n_tok = metrics.get("num_tokens", 0.0)
+            for k, v in metrics.items():
+                w = 1.0 if k in ("loss", "pg_loss", "num_tokens", "cov_tokens") else n_tok
+                totals[k] = totals.get(k, 0.0) + v * w
+                weights[k] = weights.get(k, 0.0) + w
+            params = [p for p in model.parameters() if p.grad is not None]
             if cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             else:
-                norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]
-                )
-            grad_norms.append(float(norm))
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norms.append(float(norm) if params else 0.0)
             optimizer.step()
             scheduler.step()
-    out = {f"train/{k}": sums[k] / max(counts[k], 1) for k in sums}
+    out = {f"train/{k}": totals[k] / weights[k] for k in totals if weights[k] > 0}
     out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     out["train/lr"] = scheduler.get_last_lr()[0]
     out["train/optimizer_steps"] = len(grad_norms)
-    return out, fresh_logp, fresh_ent
+    out["update/skip_active"] = float(skip)
+    out["update/rows_skipped"] = float(rows_total - rows_run)
+    out["update/rows_skipped_frac"] = (rows_total - rows_run) / rows_total if rows_total else 0.0
+    if fresh is None:
+        return out, None, None
+    return out, fresh[0], fresh[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -698,12 +819,21 @@ def train_step(
     t0 = time.perf_counter()
     rows = list(range(b))
     on_policy = cfg.trainer.ppo_epochs * cfg.trainer.mini_batches == 1
+    skip = skip_is_exact(cfg)
+    # Rows whose numbers anything needs: the updated ones, or all for full-batch metrics.
+    scored = rows
+    if skip and not cfg.trainer.full_batch_metrics:
+        scored = _active_rows(batch, rows, adv, skip)
     old_logp = old_ent = None
     if not on_policy:
-        old_logp, old_ent = batch_logprobs(model, batch, rows, pad_id, cfg, device)
+        old_logp, old_ent = _scatter_rows(
+            batch_logprobs(model, batch, scored, pad_id, cfg, device), scored, b
+        )
     ref_logp = None
     if ref_model is not None:
-        ref_logp, _ = batch_logprobs(ref_model, batch, rows, pad_id, cfg, device)
+        ref_logp, _ = _scatter_rows(
+            batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
+        )
     t_logp = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -716,11 +846,15 @@ def train_step(
         old_logp, old_ent = fresh_logp, fresh_ent
 
     width = old_logp.shape[1]
-    mask = _token_mask(batch, rows, width)
-    full_mask = torch.zeros(b, width)
     lengths = batch.response_lengths()
-    for i, n in enumerate(lengths.tolist()):
-        full_mask[i, :n] = 1.0
+    full_mask = torch.zeros(b, width)  # response tokens whose numbers were computed
+    for i in scored:
+        full_mask[i, : int(lengths[i])] = 1.0
+    mask = _token_mask(batch, rows, width) * full_mask  # ... that take part in the loss
+    updated = _active_rows(batch, rows, adv, skip)
+    metrics["update/tokens_skipped"] = float(lengths.sum()) - sum(
+        len(batch.response_ids[i]) for i in updated
+    )
     adv_tok = broadcast_to_tokens(adv.float(), mask)
     metrics["actor/entropy"] = float(masked_mean(old_ent, full_mask))
     metrics["actor/entropy_change_pred"] = (
