@@ -532,3 +532,39 @@ def test_per_group_k_errors():
     r_nan = torch.tensor([0.0, float("nan"), 1.0, 0.0])
     k = torch.tensor([0.2, 0.9, 0.4, 0.4])
     assert compute_advantages(r_nan, [0, 0, 1, 1], k=k, nan="unscorable")[1] == 0
+
+
+@SETTINGS
+@given(ragged_batches(), st.sampled_from(["grpo", "qae", "rloo", "drgrpo"]), ks)
+def test_keep_ablations_zero_exactly_the_right_entries(batch, estimator, k):
+    rewards, gids = batch
+    r = torch.tensor(rewards, dtype=torch.float64)
+    full = compute_advantages(r, gids, estimator, k=k)
+    pos = compute_advantages(r, gids, estimator, k=k, keep="pos")
+    neg = compute_advantages(r, gids, estimator, k=k, keep="neg")
+    assert torch.equal(pos, torch.where(full > 0, full, torch.zeros_like(full)))
+    assert torch.equal(neg, torch.where(full < 0, full, torch.zeros_like(full)))
+    assert torch.equal(pos + neg, full)
+    gated = compute_advantages(r, gids, estimator, k=k, keep="gate")
+    q = group_quantile(r, gids, k)
+    for i, g in enumerate(gids):
+        members = [rewards[j] for j in range(len(gids)) if gids[j] == g]
+        if q[i] == min(members) and len(set(members)) > 1:  # hard: successes only
+            assert gated[i] == max(full[i], 0)
+        elif q[i] == max(members):  # easy: failures only
+            assert gated[i] == min(full[i], 0)
+        else:
+            assert gated[i] == full[i]
+
+
+def test_gate_on_qae_changes_nothing_for_binary_rewards():
+    # QAE's own gate already zeroes the dropped side with binary rewards.
+    rng = np.random.default_rng(3)
+    r = torch.tensor((rng.uniform(size=(64, 8)) < rng.uniform(size=(64, 1))).astype(float))
+    r = r.flatten()
+    gids = torch.arange(64).repeat_interleave(8)
+    assert torch.equal(
+        compute_advantages(r, gids, "qae", keep="gate"), compute_advantages(r, gids, "qae")
+    )
+    with pytest.raises(ValueError, match="unknown keep='both'"):
+        compute_advantages(r, gids, keep="both")

@@ -42,6 +42,7 @@ def tiny_config(out, **overrides) -> TrainConfig:
         "data.val_size": 12,
         "log.checkpoint_every": 2,
         "optim.lr": 1e-3,  # large, so that a few steps visibly move the weights
+        "trainer.diagnostics_every": 2,
     }
     base.update(overrides)
     return apply_overrides(cfg, base)
@@ -71,6 +72,21 @@ def test_train_writes_metrics_and_changes_parameters(tmp_path):
     assert len(changed) > 0.9 * len(list(initial.parameters()))
     assert (tmp_path / "run" / "config.yaml").exists()
     assert result.val_before and result.val_after
+    # diagnostics: attribution every step, token views and histograms every 2 steps
+    for key in [
+        "entropy/cov_pos",
+        "entropy/cov_neg",
+        "entropy/cov_hard",
+        "entropy/cov_easy",
+        "response/len_volatility",
+        "update/rows_skipped",
+    ]:
+        assert key in rows[1], key
+    parts = sum(rows[1][f"entropy/cov_{p}"] for p in ("pos", "neg", "zero"))
+    assert parts == pytest.approx(rows[1]["entropy/cov_total"], abs=1e-9)
+    assert "entropy/measured_change" in rows[2] and "tokens/entropy_all" in rows[2]
+    hists = sorted(p.name for p in (tmp_path / "run" / "entropy_hist").iterdir())
+    assert hists == ["step_000002.json", "step_000004.json"]
 
 
 def test_same_seed_same_metrics(tmp_path):

@@ -37,6 +37,7 @@ from torch import Tensor
 from qae.registry import Registry
 
 __all__ = [
+    "KEEP_MODES",
     "QUANTILE_METHODS",
     "SCALES",
     "EstimatorSpec",
@@ -46,12 +47,14 @@ __all__ = [
     "compute_advantages",
     "estimators",
     "group_quantile",
+    "group_regimes",
     "register_estimator",
 ]
 
 QUANTILE_METHODS = ("inverted_cdf", "linear", "lower", "higher", "nearest", "midpoint")
 SCALES = ("group", "batch", "none")
 SINGLETON_MODES = ("zero", "raw")
+KEEP_MODES = ("all", "pos", "neg", "gate")
 NAN_MODES = ("raise", "unscorable")
 
 # n·K within this distance of an integer counts as that integer, so that K=0.7 means 7/10
@@ -496,6 +499,7 @@ def compute_advantages(
     eps: float = 1e-6,
     singleton: str = "zero",
     nan: str = "raise",
+    keep: str = "all",
 ) -> Tensor:
     """Per-response advantages ``A = (r - b) / (s + eps)`` from a registered estimator.
 
@@ -523,6 +527,11 @@ def compute_advantages(
             (verl's GRPO: baseline 0, std 1).
         nan: ``raise`` a ``ValueError`` naming the first NaN reward, or treat NaN as
             ``unscorable``: excluded from its group's baseline and std, advantage 0.
+        keep: ablations of the paper: ``all`` (default); ``pos`` keeps only positive
+            advantages (POS-only); ``neg`` only negative ones (NEG-only); ``gate`` applies
+            QAE's regime gate to any estimator: in a hard group (its K-quantile is its
+            minimum) only positive advantages stay, in an easy group (K-quantile = maximum)
+            only negative ones (``estimator="grpo", keep="gate"``: the gated mean baseline).
 
     Returns:
         ``[B]`` advantages, dtype and device of ``rewards`` (float32 for integer rewards).
@@ -536,10 +545,11 @@ def compute_advantages(
     _check_choice("scale", scale, SCALES)
     _check_choice("singleton", singleton, SINGLETON_MODES)
     _check_choice("nan", nan, NAN_MODES)
+    _check_choice("keep", keep, KEEP_MODES)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
-    prepared = _prepare(rewards_t, group_ids, nan=nan, sort=spec.needs_sort)
+    prepared = _prepare(rewards_t, group_ids, nan=nan, sort=spec.needs_sort or keep == "gate")
     if prepared is None:
         return torch.zeros_like(rewards_t)
     groups, valid = prepared
@@ -559,6 +569,7 @@ def compute_advantages(
 
     counts = groups.counts[groups.codes]
     adv = torch.where(groups.degenerate()[groups.codes], torch.zeros_like(adv), adv)
+    adv = _apply_keep(adv, groups, keep, _group_k(k, groups, valid), quantile_method)
     if singleton == "raw":
         adv = torch.where(counts == 1, r, adv)
 
@@ -567,6 +578,24 @@ def compute_advantages(
     out = torch.zeros(rewards_t.shape, dtype=adv.dtype, device=adv.device)
     out[valid] = adv
     return out.to(rewards_t.dtype)
+
+
+def _apply_keep(
+    adv: Tensor, groups: Groups, keep: str, k: float | Tensor, quantile_method: str
+) -> Tensor:
+    """Zero the advantages an ablation drops (see ``keep`` in :func:`compute_advantages`)."""
+    zero = torch.zeros_like(adv)
+    if keep == "pos":
+        return torch.where(adv > 0, adv, zero)
+    if keep == "neg":
+        return torch.where(adv < 0, adv, zero)
+    if keep == "gate":
+        q = groups.quantile(k, quantile_method)
+        hard = (q == groups.minimum())[groups.codes]
+        easy = (q == groups.maximum())[groups.codes] & ~hard
+        adv = torch.where(hard & (adv < 0), zero, adv)
+        return torch.where(easy & (adv > 0), zero, adv)
+    return adv
 
 
 # --------------------------------------------------------------------------------------
@@ -649,6 +678,37 @@ def advantage_stats(
         singleton_groups=float(single.sum()),
     )
     return stats
+
+
+def group_regimes(
+    rewards: Tensor,
+    group_ids: GroupIds,
+    *,
+    k: float | Tensor = 0.4,
+    quantile_method: str = "inverted_cdf",
+) -> list[str]:
+    """Each response's group regime under QAE's gate: ``hard``, ``easy`` or ``other``.
+
+    ``hard``: the group's K-quantile is its minimum (binary rewards: p <= 1 - K);
+    ``easy``: it is the maximum (p > 1 - K); ``other``: all-equal groups, singletons,
+    mixed groups of non-binary rewards and NaN (unscorable) responses.
+    """
+    rewards_t = _as_rewards(rewards)
+    _check_k(k, rewards_t.numel())
+    _check_choice("quantile_method", quantile_method, QUANTILE_METHODS)
+    out = ["other"] * rewards_t.numel()
+    prepared = _prepare(rewards_t, group_ids, nan="unscorable", sort=True)
+    if prepared is None:
+        return out
+    g, valid = prepared
+    live = ~g.degenerate()
+    q = g.quantile(_group_k(k, g, valid), quantile_method)
+    hard = (live & (q == g.minimum()))[g.codes].tolist()
+    easy = (live & (q == g.maximum()))[g.codes].tolist()
+    rows = valid.nonzero().flatten().tolist() if valid is not None else range(len(out))
+    for j, i in enumerate(rows):
+        out[i] = "hard" if hard[j] else ("easy" if easy[j] else "other")
+    return out
 
 
 def broadcast_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:

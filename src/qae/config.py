@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from qae.advantages import QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
+from qae.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
 from qae.configtools import load_yaml_config
 from qae.kcontrol import KControlConfig
 from qae.losses import LossConfig
@@ -175,6 +175,11 @@ class AlgoConfig:
     eps: float = 1e-6
     """Added to the std before dividing."""
 
+    keep: str = "all"
+    """Ablations: ``all``; ``pos`` (POS-only: drop negative advantages); ``neg``
+    (NEG-only); ``gate`` (QAE's regime gate on any estimator, e.g. the gated mean
+    baseline with ``estimator=grpo``)."""
+
     def __post_init__(self) -> None:
         estimators.get(self.estimator)
         if self.quantile_method not in QUANTILE_METHODS:
@@ -189,6 +194,8 @@ class AlgoConfig:
         if self.singleton not in SINGLETON_MODES:
             raise ValueError(f"singleton must be zero or raw, got {self.singleton!r}")
         _positive(self, "eps", allow_zero=True)
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, got {self.keep!r}")
 
 
 @dataclass
@@ -249,6 +256,11 @@ class TrainerConfig:
     """Entropy and the entropy-change predictor over every response: rows the update
     skips get a forward pass without gradient. False = over updated rows only (faster)."""
 
+    diagnostics_every: int = 10
+    """Every N steps, token-level entropy views (entropy of tokens with non-zero
+    advantage, gradient share of the top-20% entropy tokens) and an entropy histogram
+    in ``entropy_hist/`` of the run directory; 0 = off."""
+
     seed: int = 0
     """Seed of every random number generator."""
 
@@ -258,7 +270,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
         _positive(self, "ppo_epochs", "mini_batches", "micro_batch_size")
-        _positive(self, "threads", allow_zero=True)
+        _positive(self, "threads", "diagnostics_every", allow_zero=True)
 
 
 @dataclass

@@ -19,6 +19,7 @@ Where this loop departs from the paper's DAPO recipe (verl):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -31,16 +32,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from qae.advantages import advantage_stats, broadcast_to_tokens, compute_advantages
+from qae.advantages import (
+    advantage_stats,
+    broadcast_to_tokens,
+    compute_advantages,
+    group_regimes,
+)
 from qae.config import BUILTIN, TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.data import PromptRecord
+from qae.diagnostics import (
+    covariance_parts,
+    entropy_histogram,
+    length_volatility,
+    regime_token_masks,
+    sign_token_masks,
+    token_views,
+    tracking,
+)
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
 from qae.losses import batch_counts, compute_policy_loss
 from qae.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
-from qae.runlog import Checkpointer, MetricsLogger
+from qae.runlog import Checkpointer, MetricsLogger, atomic_write_text
 
 __all__ = ["PromptStream", "TrainResult", "train", "validate"]
 
@@ -617,6 +632,71 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
 
 
 # --------------------------------------------------------------------------------------
+# Diagnostics
+
+
+@dataclass
+class RunHistory:
+    """Per-run series the diagnostics need across steps (saved in checkpoints)."""
+
+    prev_entropy: float | None = None
+    predicted: list[float] = field(default_factory=list)  # -Cov(logp, A) at step t
+    measured: list[float] = field(default_factory=list)  # H(t+1) - H(t)
+    lengths: list[float] = field(default_factory=list)
+    pending: float | None = None  # prediction of the last step, awaiting its measurement
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+@torch.no_grad()
+def token_level_views(
+    model: Any, batch: Batch, advantages: torch.Tensor, pad_id: int, cfg: TrainConfig, device
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Token views from a forward pass without gradient over the whole batch.
+
+    The gradient norm of a token's loss w.r.t. its logits is, on-policy and unclipped,
+    ``|A| * ||onehot(y) - pi||_2 = |A| * sqrt(1 - 2 pi_y + sum_v pi_v^2)``.
+
+    Returns the views (:func:`qae.diagnostics.token_views`), ``entropy [B, T]``, ``mask``.
+    """
+    b = len(batch)
+    width = max((len(r) for r in batch.response_ids), default=1)
+    entropy = torch.zeros(b, width)
+    gnorm = torch.zeros(b, width)
+    for start in range(0, b, cfg.trainer.micro_batch_size):
+        mb = list(range(start, min(b, start + cfg.trainer.micro_batch_size)))
+        inputs = collate(
+            [batch.prompt_ids[i] for i in mb], [batch.response_ids[i] for i in mb], pad_id, device
+        )
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+        pos = inputs["positions"]
+        picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float()
+        picked = picked / (cfg.rollout.temperature or 1.0)
+        w = pos.shape[1]
+        for r in range(picked.shape[0]):  # one row at a time bounds the [T, V] softmax
+            probs = torch.softmax(picked[r], dim=-1)  # [T, V]
+            p_y = probs.gather(-1, inputs["targets"][r][:, None]).squeeze(-1)  # [T]
+            sq = (probs * probs).sum(-1)  # [T]
+            ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [T]
+            m = inputs["response_mask"][r]
+            entropy[mb[r], :w] = (ent * m).cpu()
+            gnorm[mb[r], :w] = ((1 - 2 * p_y + sq).clamp_min(0).sqrt() * m).cpu()
+    mask = torch.zeros(b, width)
+    for i, resp in enumerate(batch.response_ids):
+        mask[i, : len(resp)] = 1.0
+    adv_tok = broadcast_to_tokens(advantages.float(), mask)
+    views = token_views(entropy, adv_tok, mask, gnorm * adv_tok.abs())
+    return views, entropy, mask
+
+
+# --------------------------------------------------------------------------------------
 # The loop
 
 
@@ -674,6 +754,7 @@ def train(
         ref_model.requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg)
     kctrl = make_controller(cfg.kcontrol)
+    history = RunHistory()
     pad_id = tokenizer.pad_token_id
 
     start = 0
@@ -688,6 +769,7 @@ def train(
         start = int(state["step"])
         val_before = dict(state.get("val_before", {}))
         kctrl.load_state_dict(state["kcontrol"])
+        history.load_state_dict(state["history"])
     save_yaml_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
         run_dir,
@@ -721,6 +803,8 @@ def train(
                 device,
                 pad_id,
                 kctrl,
+                history,
+                run_dir,
             )
             e = cfg.eval
             if e.every and step % e.every == 0 and step != cfg.trainer.steps:
@@ -743,6 +827,7 @@ def train(
                         "consumed": data.train.consumed,
                         "val_before": val_before,
                         "kcontrol": kctrl.state_dict(),
+                        "history": history.state_dict(),
                     },
                 )
             if on_step is not None:
@@ -763,6 +848,46 @@ def train(
     return TrainResult(run_dir, cfg.trainer.steps, val_before, val_after, last)
 
 
+def _attribution(
+    metrics: dict[str, float],
+    history: RunHistory,
+    batch: Batch,
+    adv: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv_tok: torch.Tensor,
+    mask: torch.Tensor,
+    k: float | torch.Tensor,
+    cfg: TrainConfig,
+) -> None:
+    """Covariance parts by sign and regime, measured entropy change, tracking, volatility."""
+    by_sign = covariance_parts(old_logp, adv_tok, mask, sign_token_masks(adv_tok, mask))
+    regimes = group_regimes(
+        batch.rewards, batch.group_ids, k=k, quantile_method=cfg.algo.quantile_method
+    )
+    by_regime = covariance_parts(old_logp, adv_tok, mask, regime_token_masks(regimes, mask))
+    metrics["entropy/cov_total"] = by_sign["total"]
+    for name in ("pos", "neg", "zero"):
+        metrics[f"entropy/cov_{name}"] = by_sign[name]
+    for name in ("hard", "easy", "other"):
+        metrics[f"entropy/cov_{name}"] = by_regime[name]
+    entropy = metrics["actor/entropy"]
+    if history.prev_entropy is not None:
+        change = entropy - history.prev_entropy
+        metrics["entropy/measured_change"] = change
+        if history.pending is not None:
+            history.predicted.append(history.pending)
+            history.measured.append(change)
+    history.prev_entropy = entropy
+    history.pending = -by_sign["total"]  # first order: dH ~ -lr * Cov(logp, A)
+    if len(history.measured) >= 3:
+        track = tracking(history.predicted, history.measured)
+        metrics["entropy/track_corr"] = track["corr"]
+        metrics["entropy/track_sign_agreement"] = track["sign_agreement"]
+    history.lengths.append(metrics["response/len_mean"])
+    history.lengths = history.lengths[-20:]
+    metrics["response/len_volatility"] = length_volatility(history.lengths, 20)
+
+
 def train_step(
     step: int,
     model: Any,
@@ -775,6 +900,8 @@ def train_step(
     device: torch.device,
     pad_id: int,
     kctrl: KController,
+    history: RunHistory | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, float]:
     """One rollout-score-advantage-update step; returns its metrics.
 
@@ -803,6 +930,7 @@ def train_step(
         eps=a.eps,
         singleton=a.singleton,
         nan="unscorable",
+        keep=a.keep,
     )
     stats = advantage_stats(
         adv,
@@ -815,6 +943,16 @@ def train_step(
     metrics.update({f"adv/{name}": v for name, v in stats.items()})
     metrics["adv/k"] = float(k.mean()) if isinstance(k, torch.Tensor) else float(k)
     metrics["adv/abs_mean"] = float(adv.abs().mean())
+
+    every = cfg.trainer.diagnostics_every
+    if history is not None and every and step % every == 0:
+        views, ent_tok, ent_mask = token_level_views(model, batch, adv, pad_id, cfg, device)
+        metrics.update({f"tokens/{name}": v for name, v in views.items()})
+        if run_dir is not None:
+            hist = entropy_histogram(ent_tok, ent_mask, bins=20)
+            atomic_write_text(
+                run_dir / "entropy_hist" / f"step_{step:06d}.json", json.dumps(hist) + "\n"
+            )
 
     t0 = time.perf_counter()
     rows = list(range(b))
@@ -869,6 +1007,8 @@ def train_step(
     metrics["response/truncated"] = float(batch.truncated.float().mean())
     metrics["time/logprob"] = t_logp
     metrics["time/train"] = t_train
+    if history is not None:
+        _attribution(metrics, history, batch, adv, old_logp, adv_tok, mask, k, cfg)
     step_time = time.perf_counter() - t_start
     metrics["time/step"] = step_time
     metrics["perf/tokens_per_s"] = float(lengths.sum()) / step_time
