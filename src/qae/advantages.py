@@ -40,6 +40,7 @@ __all__ = [
     "KEEP_MODES",
     "QUANTILE_METHODS",
     "SCALES",
+    "SINGLETON_MODES",
     "EstimatorSpec",
     "Groups",
     "advantage_stats",
