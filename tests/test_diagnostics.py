@@ -13,6 +13,7 @@ from qae.advantages import group_regimes
 from qae.diagnostics import (
     covariance_parts,
     entropy_histogram,
+    entropy_verdict,
     length_volatility,
     regime_token_masks,
     sign_token_masks,
@@ -99,3 +100,25 @@ def test_group_regimes_binary():
     r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0, 1, 1, float("nan"), 7.0])
     g = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3]
     assert group_regimes(r, g, k=0.4) == ["hard"] * 4 + ["easy"] * 4 + ["other"] * 4
+
+
+def test_entropy_verdict():
+    stable = [1.0, 0.8, 0.6, 0.45, 0.7, 1.2, 1.9] * 5  # dips below half, never for 10 steps
+    assert entropy_verdict(stable)["verdict"] == "stable"
+    collapse = [1.0] * 5 + [0.4] * 9 + [0.6] + [0.3] * 10
+    v = entropy_verdict(collapse)
+    assert v["verdict"] == "collapsed" and v["step"] == 15
+    explode = [1.0] * 3 + [2.5] * 10
+    assert entropy_verdict(explode) == {
+        "verdict": "exploded",
+        "step": 3.0,
+        "initial": 1.0,
+        "min_ratio": 1.0,
+        "max_ratio": 2.5,
+    }
+    assert entropy_verdict([0.2] * 12, initial=1.0)["verdict"] == "collapsed"
+    assert entropy_verdict([0.2] * 12, initial=1.0, window=13)["verdict"] == "stable"
+    with pytest.raises(ValueError, match="initial entropy must be > 0"):
+        entropy_verdict([0.0, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        entropy_verdict([])

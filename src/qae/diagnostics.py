@@ -22,7 +22,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "COLLAPSE_RATIO",
+    "EXPLOSION_RATIO",
+    "VERDICT_WINDOW",
     "covariance_parts",
+    "entropy_verdict",
     "entropy_histogram",
     "length_volatility",
     "regime_token_masks",
@@ -173,3 +177,58 @@ def length_volatility(mean_lengths: Sequence[float], window: int = 20) -> float:
     if len(tail) < 2:
         return 0.0
     return float(torch.tensor(tail, dtype=torch.float64).std())
+
+
+# The one definition of an unstable run used by every report: entropy below half, or above
+# twice, its initial value for a sustained window of steps.
+COLLAPSE_RATIO = 0.5
+EXPLOSION_RATIO = 2.0
+VERDICT_WINDOW = 10
+
+
+def entropy_verdict(
+    entropy: Sequence[float],
+    *,
+    initial: float | None = None,
+    collapse_ratio: float = COLLAPSE_RATIO,
+    explosion_ratio: float = EXPLOSION_RATIO,
+    window: int = VERDICT_WINDOW,
+) -> dict[str, float | str]:
+    """Collapse / explosion verdict from a run's per-step entropy.
+
+    A run ``collapsed`` when its entropy stays below ``collapse_ratio * initial`` for
+    ``window`` consecutive steps, ``exploded`` when it stays above ``explosion_ratio *
+    initial`` as long (whichever happens first), else it is ``stable``. ``initial``
+    defaults to the first value.
+
+    Returns ``{"verdict": ..., "step": index where the sustained window began (-1 when
+    stable), "initial": ..., "min_ratio": ..., "max_ratio": ...}``.
+    """
+    values = [float(x) for x in entropy]
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not values:
+        raise ValueError("entropy is empty")
+    h0 = values[0] if initial is None else float(initial)
+    if not h0 > 0:
+        raise ValueError(f"initial entropy must be > 0, got {h0}")
+    ratios = [v / h0 for v in values]
+    low_run = high_run = 0
+    for i, r in enumerate(ratios):
+        low_run = low_run + 1 if r < collapse_ratio else 0
+        high_run = high_run + 1 if r > explosion_ratio else 0
+        if low_run >= window:
+            verdict, start = "collapsed", i - window + 1
+            break
+        if high_run >= window:
+            verdict, start = "exploded", i - window + 1
+            break
+    else:
+        verdict, start = "stable", -1
+    return {
+        "verdict": verdict,
+        "step": float(start),
+        "initial": h0,
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+    }
