@@ -168,7 +168,9 @@ def response_logprobs(
     Returns:
         ``logp [b, T]`` and ``entropy [b, T]`` (or None); 0 outside the response mask.
     """
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    out = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+    )
     logits = out.logits  # [b, L, V]
     pos = inputs["positions"]  # [b, T]
     picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [b, T, V]

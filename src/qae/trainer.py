@@ -674,20 +674,28 @@ def token_level_views(
             [batch.prompt_ids[i] for i in mb], [batch.response_ids[i] for i in mb], pad_id, device
         )
         logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
         ).logits
         pos = inputs["positions"]
         picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float()
-        picked = picked / (cfg.rollout.temperature or 1.0)
+        picked = picked / (cfg.rollout.temperature or 1.0)  # [b, T, V]
         w = pos.shape[1]
-        for r in range(picked.shape[0]):  # one row at a time bounds the [T, V] softmax
-            probs = torch.softmax(picked[r], dim=-1)  # [T, V]
-            p_y = probs.gather(-1, inputs["targets"][r][:, None]).squeeze(-1)  # [T]
-            sq = (probs * probs).sum(-1)  # [T]
-            ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [T]
-            m = inputs["response_mask"][r]
-            entropy[mb[r], :w] = (ent * m).cpu()
-            gnorm[mb[r], :w] = ((1 - 2 * p_y + sq).clamp_min(0).sqrt() * m).cpu()
+        m = inputs["response_mask"].cpu()  # [b, T]
+        flat = picked.reshape(-1, picked.shape[-1])  # [b*T, V]
+        tgt = inputs["targets"].reshape(-1)
+        ent = torch.empty(flat.shape[0])
+        p_y = torch.empty(flat.shape[0])
+        sq = torch.empty(flat.shape[0])
+        rows = max(1, (1 << 22) // flat.shape[-1])  # bounds the softmax held at once
+        for a in range(0, flat.shape[0], rows):
+            log_pi = torch.log_softmax(flat[a : a + rows], dim=-1)  # [rows, V]
+            ent[a : a + rows] = -(log_pi.exp() * log_pi).sum(-1).cpu()
+            p_y[a : a + rows] = log_pi.gather(-1, tgt[a : a + rows, None]).squeeze(-1).exp().cpu()
+            sq[a : a + rows] = torch.logsumexp(2 * log_pi, dim=-1).exp().cpu()  # sum pi^2
+        ent, p_y, sq = (x.view(len(mb), w) for x in (ent, p_y, sq))
+        idx = torch.tensor(mb)
+        entropy[idx, :w] = ent.cpu() * m
+        gnorm[idx, :w] = (1 - 2 * p_y + sq).clamp_min(0).sqrt().cpu() * m
     mask = torch.zeros(b, width)
     for i, resp in enumerate(batch.response_ids):
         mask[i, : len(resp)] = 1.0
