@@ -71,7 +71,14 @@ def main() -> None:
     parser.add_argument(
         "--loop-max-b", type=int, default=1 << 20, help="skip the loop above this B"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 by default: under load, spinning OpenMP threads distort timings)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     sizes = [1 << 10, 1 << 16] + ([] if args.quick else [1 << 20])
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
