@@ -127,11 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_regimes)
 
+    from qae.compare import add_compare_parser
     from qae.evaluation import add_eval_parser
     from qae.lab.simulate import add_simulate_parser
+    from qae.report import add_report_parser
 
     add_eval_parser(sub)
     add_simulate_parser(sub)
+    add_compare_parser(sub)
+    add_report_parser(sub)
 
     from qae.config import TrainConfig, preset_names
     from qae.configtools import add_config_arguments

@@ -1,0 +1,143 @@
+"""The report page: one self-contained HTML file (PNGs embedded as base64, inline CSS)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from qae.report.runs import RunData
+from qae.report.stats import Column, TableRow
+
+__all__ = ["format_cell", "markdown_table", "write_html"]
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f2f2f2; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #8a4b00; }
+code { background: #f6f6f6; padding: 0 0.2em; }
+"""
+
+
+def format_cell(mean: float, std: float, digits: int = 3) -> str:
+    """``mean ± std`` (``-`` when no run logged the metric)."""
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} \u00b1 {std:.{digits}f}"
+
+
+def _first_steps(row: TableRow) -> str:
+    reached = [s for s in row.first_steps if s is not None]
+    per_seed = ", ".join("never" if s is None else str(s) for s in row.first_steps)
+    if not reached:
+        return f"never ({per_seed})"
+    mean = sum(reached) / len(reached)
+    return f"{len(reached)}/{len(row.first_steps)} runs, mean {mean:.0f} ({per_seed})"
+
+
+def _header(columns: Sequence[Column], target: float, target_metric: str, window: int) -> list[str]:
+    return (
+        ["configuration", "seeds (finished)"]
+        + [c.label for c in columns]
+        + [f"first step with {target_metric} \u2265 {target:g} ({window}-step mean)"]
+    )
+
+
+def _cells(row: TableRow, columns: Sequence[Column]) -> list[str]:
+    seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
+    return (
+        [row.name, f"{seeds} ({row.finished}/{len(row.seeds)})"]
+        + [format_cell(*row.cells[c.key][:2]) for c in columns]
+        + [_first_steps(row)]
+    )
+
+
+def markdown_table(
+    columns: Sequence[Column],
+    rows: Sequence[TableRow],
+    *,
+    target: float,
+    target_metric: str,
+    window: int,
+) -> str:
+    """The final table as GitHub Markdown (mean ± sample std over seeds)."""
+    head = _header(columns, target, target_metric, window)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cells(row, columns)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_html(
+    path: str | os.PathLike,
+    *,
+    title: str,
+    figures: Mapping[str, Path],
+    columns: Sequence[Column],
+    rows: Sequence[TableRow],
+    runs: Sequence[RunData],
+    target: float,
+    target_metric: str,
+    window: int,
+    notes: Sequence[str] = (),
+    intro: str = "",
+) -> Path:
+    """Write the report page; every figure is inlined as a ``data:image/png`` URI."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    if intro:
+        parts.append(f"<p>{esc(intro)}</p>")
+    for note in notes:
+        parts.append(f'<p class="note">{esc(note)}</p>')
+    parts.append("<h2>Final table</h2>")
+    parts.append(
+        "<p>Each cell is the mean \u00b1 sample standard deviation over seeds. "
+        "&ldquo;Final&rdquo; is the last validation; &ldquo;last N&rdquo; averages a run's "
+        "last N logged steps before taking the mean over seeds.</p>"
+    )
+    head = _header(columns, target, target_metric, window)
+    parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
+    for row in rows:
+        parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(row, columns)) + "</tr>")
+    parts.append("</table>")
+    parts.append("<h2>Figures</h2>")
+    for stem, fig in figures.items():
+        data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+        parts.append(
+            f'<h3>{esc(stem)}</h3><img alt="{esc(stem)}" src="data:image/png;base64,{data}">'
+        )
+    parts.append("<h2>Runs</h2><table><tr><th>configuration</th><th>seed</th><th>last step</th>"
+                 "<th>planned steps</th><th>source</th><th>directory</th></tr>")  # fmt: skip
+    for r in runs:
+        parts.append(
+            "<tr>"
+            + "".join(
+                f"<td>{esc(str(v))}</td>"
+                for v in (
+                    r.name,
+                    "?" if r.seed is None else r.seed,
+                    r.last_step,
+                    r.planned_steps if r.planned_steps is not None else "?",
+                    r.source,
+                    r.path,
+                )
+            )
+            + "</tr>"
+        )
+    parts.append("</table></body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    return path
