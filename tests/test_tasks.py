@@ -350,3 +350,18 @@ def test_shipped_model_sampling(shipped):
     assert 0.0 < res["overall"] < 1.0
     again = pass_at_1(model, tok, val, temperature=1.0, samples=4, seed=0)
     assert again == res  # seeded sampling is reproducible
+
+
+def test_arithmetic_answer_extraction_for_majority_vote():
+    from qae.evaluation import majority_vote
+    from qae.tasks.arithmetic import extract_arithmetic_answer
+
+    assert extract_arithmetic_answer(" 61</s><pad>") == "61"
+    assert extract_arithmetic_answer("</s>") is None
+    assert extract_arithmetic_answer(None) is None
+    assert arithmetic_score.extract is extract_arithmetic_answer
+    responses = ["61</s>", "61", "7</s>"]
+    votes = [extract_arithmetic_answer(x) for x in responses]
+    assert votes == ["61", "61", "7"]
+    scores = [arithmetic_score(x, "61") for x in responses]
+    assert majority_vote(votes, scores) == 1.0  # two of three say 61, which is right

@@ -470,13 +470,15 @@ def _score_problems(
         workers=workers,
         timeout=timeout,
     )
+    # A reward function may say how to read a response's answer (``fn.extract``).
+    extract = getattr(reward_fn, "extract", extract_answer)
     return [
         {
             "source": p.source,
             "problem_id": p.id,
             "sample": s,
             "response": text,
-            "answer": extract_answer(text),
+            "answer": extract(text),
             "ground_truth": p.answer,
             "score": score,
         }

@@ -265,4 +265,13 @@ def arithmetic_score(response: Any, ground_truth: Any, **_: Any) -> float:
         return 0.0
 
 
+def extract_arithmetic_answer(response: Any) -> str | None:
+    """The answer a response gives (for maj@n): the text before any end marker."""
+    if not isinstance(response, str):
+        return None
+    return _clean(response) or None
+
+
 arithmetic_score.cheap = True  # type: ignore[attr-defined]
+# Evaluation reads the answer a response gives through this (maj@n votes on it).
+arithmetic_score.extract = extract_arithmetic_answer  # type: ignore[attr-defined]
