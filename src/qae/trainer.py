@@ -401,12 +401,12 @@ def _active_rows(
 ) -> list[int]:
     """Rows that take part in the forward/backward: all loss rows, or (skipping) those
     with a non-zero advantage."""
+    nonzero = (advantages != 0).tolist()
+    loss_rows = batch.loss_rows.tolist()
     return [
         i
         for i in rows
-        if batch.loss_rows[i]
-        and len(batch.response_ids[i]) > 0
-        and (not skip or bool(advantages[i] != 0))
+        if loss_rows[i] and len(batch.response_ids[i]) > 0 and (not skip or nonzero[i])
     ]
 
 
