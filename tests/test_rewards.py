@@ -101,7 +101,7 @@ def test_extraction_is_fast_on_megabyte_inputs() -> None:
     for text in cases:
         start = time.perf_counter()
         extract_answer(text, fallback="last_number")
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 5.0  # linear time; slack for a loaded machine
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_time_limit_raises_in_main_thread_and_nests() -> None:
     with pytest.raises(ScoreTimeout):
         with time_limit(0.2):
             time.sleep(5)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0
     # An inner, longer limit leaves the outer one in charge; an inner shorter one fires first.
     with pytest.raises(ScoreTimeout):
         with time_limit(0.2):
@@ -225,10 +225,11 @@ def test_time_limit_raises_in_main_thread_and_nests() -> None:
     ids=["tower", "power-answer-line", "megabyte", "long-number", "parens"],
 )
 def test_pathological_inputs_score_zero_within_bound(response: str) -> None:
-    # Main thread: a signal timer, which may overrun by one C-level step (slack for busy CI).
+    # Main thread: a signal timer, which may overrun by one C-level step. The bound checks
+    # "no hang" with slack for a loaded machine; score_batch's hard bound is tested below.
     start = time.perf_counter()
     assert math_score(response, "27", timeout=1.0) == 0.0
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 10.0
 
 
 def test_time_bound_holds_in_threads() -> None:
@@ -238,7 +239,7 @@ def test_time_bound_holds_in_threads() -> None:
     with ThreadPoolExecutor(max_workers=4) as ex:
         got = list(ex.map(lambda c: math_score(c[0], c[1], timeout=1.0), cases))
     assert got == [c[2] for c in cases]
-    assert time.perf_counter() - start < 8.0  # two towers in parallel with two slow starts
+    assert time.perf_counter() - start < 20.0  # two towers in parallel, slow starts, busy CPU
 
 
 def test_score_batch_bounds_pathological_items() -> None:
@@ -249,7 +250,7 @@ def test_score_batch_bounds_pathological_items() -> None:
     scores = score_batch("math", responses, truths, timeout=1.0)
     assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     # three slow items on two workers: at most two rounds of timeout + grace, plus slack
-    assert time.perf_counter() - start < 2 * (1.0 + 1.0) + 3.0
+    assert time.perf_counter() - start < 2 * (1.0 + 1.0) + 10.0
 
 
 # Module-level functions: worker processes find them by reference.
@@ -292,7 +293,7 @@ def test_pool_kills_and_replaces_a_hung_worker() -> None:
         elapsed = time.perf_counter() - start
         assert [s for s, _ in out] == ["ok", "timeout", "ok"]
         assert out[0][1] == 1.0 and out[2][1] == 1.0
-        assert elapsed < 0.5 + pool.grace + 3.0
+        assert elapsed < 0.5 + pool.grace + 10.0
         assert pool.stats["timeout"] == 1
         assert pool.stats["started"] == 2  # the hung worker was replaced
         # the pool keeps working afterwards

@@ -32,6 +32,7 @@ __all__ = [
     "CompareResult",
     "RunSpec",
     "RunState",
+    "STABILITY_LRS",
     "WORKER",
     "add_compare_parser",
     "build_config",
@@ -55,10 +56,52 @@ def _qae(k: float) -> tuple[str, dict[str, Any]]:
     return f"qae-k{k:g}", {"algo.estimator": "qae", "kcontrol.kind": "constant", "kcontrol.k": k}
 
 
+_ADAPTIVE = ("qae-adaptive", {"algo.estimator": "qae", "kcontrol.kind": "entropy_band"})
+
+STABILITY_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
+"""Learning rates of the ``stability`` grid: the embedded default's 1e-4 up to 100x it."""
+
+
+def _at_lr(entries: Sequence[tuple[str, dict[str, Any]]], lrs: Sequence[float]) -> Grid:
+    """Every entry at every learning rate, named ``<entry>_lr<lr>`` (lr-major order)."""
+    return [(f"{name}_lr{lr:g}", {**o, "optim.lr": lr}) for lr in lrs for name, o in entries]
+
+
+_K04 = {"kcontrol.kind": "constant", "kcontrol.k": 0.4}
+
+ABLATION: Grid = [
+    _MEAN,
+    _qae(0.4),
+    ("mean-pos-only", {"algo.estimator": "grpo", "algo.keep": "pos"}),
+    ("mean-neg-only", {"algo.estimator": "grpo", "algo.keep": "neg"}),
+    ("mean-gated-k0.4", {"algo.estimator": "grpo", "algo.keep": "gate", **_K04}),
+]
+"""The paper's ablation on the mean baseline: all advantages (``dapo-mean``), QAE at K=0.4,
+only the positive advantages (POS-only), only the negative ones (NEG-only), and QAE's
+regime gate at K=0.4 applied to the mean baseline (hard groups keep their positive
+advantages, easy groups their negative ones)."""
+
+CLIP_HIGH: Grid = [
+    (
+        f"qae-k0.4-clip{c:g}",
+        {"algo.estimator": "qae", **_K04, "loss.clip_high": c, "trainer.mini_batches": 4},
+    )
+    for c in (0.2, 0.28, 0.35)
+]
+"""QAE at K=0.4 with the upper clip ``loss.clip_high`` at 0.2 / 0.28 / 0.35. With one
+on-policy update per step the importance ratio is exactly 1 and no clip ever acts, so
+every entry splits each step's batch into ``trainer.mini_batches 4`` optimizer updates: from
+the second mini-batch on the policy has moved, the ratio leaves 1 and the clip can bind
+(see ``train/clipfrac_high``)."""
+
+
 GRIDS: dict[str, Grid] = {
     "default": [_MEAN, _qae(0.4)] + [_qae(k) for k in (0.2, 0.4, 0.6, 0.8)],
     "mean-vs-qae": [_MEAN, _qae(0.4)],
     "k-sweep": [_qae(k) for k in (0.2, 0.4, 0.6, 0.8)],
+    "stability": _at_lr([_MEAN, _qae(0.4), _qae(0.6), _ADAPTIVE], STABILITY_LRS),
+    "ablation": ABLATION,
+    "clip-high": CLIP_HIGH,
 }
 """Named grids: (configuration name, dotted overrides) pairs, before deduplication."""
 

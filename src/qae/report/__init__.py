@@ -3,7 +3,8 @@
 Reads run directories (``metrics.jsonl``; TensorBoard event files when ``tensorboard`` is
 installed), groups them by configuration, and writes into ``--out``: one PNG per quantity
 (mean over seeds with a +-1 std band), ``report.html`` (the PNGs inlined), ``table.md``
-and ``summary.json`` (the table's numbers, per seed included).
+and ``summary.json`` (the table's numbers, per seed included), plus the entropy-diagnostics
+panels of :mod:`qae.report.diagnostics` for runs that logged them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qae.report.diagnostics import (
+    DIAGNOSTIC_FIGURES,
+    diagnostics_html,
+    diagnostics_summary,
+    make_diagnostic_figures,
+    run_tracking,
+)
 from qae.report.figures import FIGURES, FigureSpec, make_figures
 from qae.report.html import markdown_table, write_html
 from qae.report.runs import RunData, discover_runs, group_runs, load_run, tensorboard_available
@@ -33,6 +41,7 @@ from qae.report.stats import (
 )
 
 __all__ = [
+    "DIAGNOSTIC_FIGURES",
     "FIGURES",
     "Aggregate",
     "Column",
@@ -43,13 +52,17 @@ __all__ = [
     "add_report_parser",
     "aggregate",
     "build_report",
+    "diagnostics_html",
+    "diagnostics_summary",
     "discover_runs",
     "first_step_reaching",
     "group_runs",
     "load_run",
+    "make_diagnostic_figures",
     "make_figures",
     "markdown_table",
     "mean_std",
+    "run_tracking",
     "smooth",
     "summary_table",
     "tensorboard_available",
@@ -101,6 +114,10 @@ def build_report(
     groups = group_runs(runs)
     out = Path(out)
     figures = make_figures(groups, out, window=window)
+    diag_figures, hist_chosen = make_diagnostic_figures(groups, out, window=window)
+    diag_summary = diagnostics_summary(groups, tail=tail)
+    for name, chosen in hist_chosen.items():
+        diag_summary.setdefault(name, {})["entropy_hist"] = chosen
     columns, rows = summary_table(
         groups, target=target, target_metric=target_metric, window=window, tail=tail
     )
@@ -131,6 +148,10 @@ def build_report(
             for row in rows
         ],
         "figures": {k: p.name for k, p in figures.items()},
+        "diagnostics": {
+            "configs": diag_summary,
+            "figures": {k: p.name for k, p in diag_figures.items()},
+        },
         "notes": notes,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -151,8 +172,10 @@ def build_report(
         window=window,
         notes=notes,
         intro=intro,
+        sections=[diagnostics_html(diag_figures, diag_summary, tail)],
     )
-    return ReportResult(out, html_path, figures, columns, rows, runs, notes)
+    all_figures = {**figures, **diag_figures}
+    return ReportResult(out, html_path, all_figures, columns, rows, runs, notes)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -171,6 +194,14 @@ def _report(args: argparse.Namespace) -> int:
                          target_metric=args.target_metric, window=args.window), end="")  # fmt: skip
     print(f"figures: {', '.join(p.name for p in result.figures.values())}")
     print(f"report: {result.html}")
+    if args.stability:
+        from qae.report.stability import build_stability
+
+        stab = build_stability(args.runs, args.out)
+        for note in stab.notes:
+            print(f"note: {note}")
+        print(stab.table, end="")
+        print(f"stability: {', '.join(p.name for p in stab.files.values())}")
     return 0
 
 
@@ -201,5 +232,11 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--tail", type=int, default=20, help="last N logged steps averaged for the table"
     )
     p.add_argument("--title", default="qae report", help="page title")
+    p.add_argument(
+        "--stability",
+        action="store_true",
+        help="also write the learning-rate stability map (estimator x optim.lr: seeds stable "
+        "by the entropy verdict, final pass@1): stability.md/.json/_map.png/_entropy.png",
+    )
     p.set_defaults(func=_report)
     return p

@@ -12,7 +12,7 @@ from pathlib import Path
 from qae.report.runs import RunData
 from qae.report.stats import Column, TableRow
 
-__all__ = ["format_cell", "markdown_table", "write_html"]
+__all__ = ["figure_html", "format_cell", "markdown_table", "write_html"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -31,6 +31,13 @@ def format_cell(mean: float, std: float, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "-"
     return f"{mean:.{digits}f} \u00b1 {std:.{digits}f}"
+
+
+def figure_html(stem: str, path: str | os.PathLike) -> str:
+    """A heading and the PNG at ``path`` inlined as a ``data:image/png`` URI."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    stem = html.escape(stem)
+    return f'<h3>{stem}</h3><img alt="{stem}" src="data:image/png;base64,{data}">'
 
 
 def _first_steps(row: TableRow) -> str:
@@ -88,8 +95,10 @@ def write_html(
     window: int,
     notes: Sequence[str] = (),
     intro: str = "",
+    sections: Sequence[str] = (),
 ) -> Path:
-    """Write the report page; every figure is inlined as a ``data:image/png`` URI."""
+    """Write the report page; every figure is inlined as a ``data:image/png`` URI.
+    ``sections`` are extra HTML fragments placed after the figures."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -114,10 +123,8 @@ def write_html(
     parts.append("</table>")
     parts.append("<h2>Figures</h2>")
     for stem, fig in figures.items():
-        data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
-        parts.append(
-            f'<h3>{esc(stem)}</h3><img alt="{esc(stem)}" src="data:image/png;base64,{data}">'
-        )
+        parts.append(figure_html(stem, fig))
+    parts.extend(s for s in sections if s)
     parts.append("<h2>Runs</h2><table><tr><th>configuration</th><th>seed</th><th>last step</th>"
                  "<th>planned steps</th><th>source</th><th>directory</th></tr>")  # fmt: skip
     for r in runs:

@@ -1,0 +1,415 @@
+"""Learning-rate stability map: which estimator stays stable at which learning rate.
+
+Every run gets a verdict from :func:`qae.diagnostics.entropy_verdict` on its
+``actor/entropy`` series (the one definition of collapse and explosion), its final and best
+held-out pass@1 and the step where pass@1 peaked. Runs are placed by estimator (mean
+baseline, QAE at a constant K, or QAE under a K controller, read from the run's
+``config.yaml``) and learning rate (``optim.lr``); a cell of the map holds the fraction of
+its seeds that stayed stable and the mean final pass@1 with its sample std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qae.diagnostics import COLLAPSE_RATIO, EXPLOSION_RATIO, VERDICT_WINDOW, entropy_verdict
+from qae.report.runs import RunData, discover_runs
+from qae.report.stats import mean_std
+
+__all__ = [
+    "RunStability",
+    "StabilityCell",
+    "StabilityResult",
+    "build_stability",
+    "estimator_label",
+    "plot_entropy_grid",
+    "plot_stability_map",
+    "run_stability",
+    "stability_map",
+    "stability_table",
+    "stable_lr_limit",
+]
+
+ENTROPY_KEY = "actor/entropy"
+PASS1_KEY = "val/pass@1"
+
+
+def estimator_label(config: Mapping[str, Any], name: str = "") -> str:
+    """``dapo-mean`` (any non-QAE baseline is named by its estimator), ``qae-k<K>`` for a
+    constant K, ``qae-<kind>`` for a K controller. Without a config, the run name's part
+    before ``_lr`` (the ``stability`` grid's naming)."""
+    algo = config.get("algo") or {}
+    estimator = algo.get("estimator")
+    if estimator is None:
+        if not name:
+            raise ValueError("a run needs a config.yaml or a name to place it on the map")
+        return name.rsplit("_lr", 1)[0]
+    if estimator == "grpo":
+        return "dapo-mean"
+    if estimator != "qae":
+        return str(estimator)
+    kc = config.get("kcontrol") or {}
+    kind = kc.get("kind", "constant")
+    if kind == "constant":
+        return f"qae-k{float(kc.get('k', 0.4)):g}"
+    return "qae-adaptive" if kind == "entropy_band" else f"qae-{kind}"
+
+
+def _lr_of(run: RunData) -> float:
+    try:
+        return float(run.config["optim"]["lr"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    if "_lr" in run.name:
+        try:
+            return float(run.name.rsplit("_lr", 1)[1])
+        except ValueError:
+            pass
+    raise ValueError(f"run {run.path}: no optim.lr in its config.yaml and none in its name")
+
+
+@dataclass
+class RunStability:
+    """One run's place on the map and what it did."""
+
+    name: str
+    seed: int | None
+    estimator: str
+    lr: float
+    verdict: str
+    """``stable``, ``collapsed`` or ``exploded`` (:func:`qae.diagnostics.entropy_verdict`)."""
+    verdict_step: int
+    """Training step where the sustained window began (-1 when stable)."""
+    final_pass1: float
+    best_pass1: float
+    best_step: int
+    """Step of the first evaluation reaching ``best_pass1`` (-1 without evaluations)."""
+    last_step: int
+    entropy_steps: list[int] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+
+
+def run_stability(run: RunData) -> RunStability:
+    """Verdict, final / best held-out pass@1 and the peak's step of one run."""
+    steps, ent = run.get(ENTROPY_KEY)  # [N], [N]
+    finite = np.isfinite(ent)
+    steps, ent = steps[finite], ent[finite]
+    if len(ent) == 0:
+        raise ValueError(f"run {run.path}: no finite {ENTROPY_KEY} to judge")
+    verdict = entropy_verdict(ent.tolist())
+    start = int(verdict["step"])
+    vsteps, vals = run.get(PASS1_KEY)  # [E], [E]
+    keep = np.isfinite(vals)
+    vsteps, vals = vsteps[keep], vals[keep]
+    if len(vals):
+        best_i = int(np.argmax(vals))  # first maximum
+        final, best, best_step = float(vals[-1]), float(vals[best_i]), int(vsteps[best_i])
+    else:
+        final = best = math.nan
+        best_step = -1
+    return RunStability(
+        name=run.name,
+        seed=run.seed,
+        estimator=estimator_label(run.config, run.name),
+        lr=_lr_of(run),
+        verdict=str(verdict["verdict"]),
+        verdict_step=int(steps[start]) if start >= 0 else -1,
+        final_pass1=final,
+        best_pass1=best,
+        best_step=best_step,
+        last_step=run.last_step,
+        entropy_steps=[int(s) for s in steps],
+        entropy=[float(v) for v in ent],
+    )
+
+
+@dataclass
+class StabilityCell:
+    """One (estimator, lr) cell over its seeds."""
+
+    estimator: str
+    lr: float
+    seeds: list[int | None]
+    n_stable: int
+    n_collapsed: int
+    n_exploded: int
+    final_mean: float
+    final_std: float
+    best_mean: float
+    best_std: float
+    best_step_mean: float
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def frac_stable(self) -> float:
+        return self.n_stable / self.n if self.n else math.nan
+
+
+_ORDER = ("dapo-mean", "qae-k0.2", "qae-k0.4", "qae-k0.6", "qae-k0.8", "qae-adaptive")
+
+
+def _estimator_order(names: Sequence[str]) -> list[str]:
+    known = [n for n in _ORDER if n in names]
+    return known + sorted(n for n in set(names) if n not in _ORDER)
+
+
+def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
+    """Cells in estimator order (mean baseline first), each estimator's lrs ascending."""
+    cells: dict[tuple[str, float], list[RunStability]] = {}
+    for r in records:
+        cells.setdefault((r.estimator, r.lr), []).append(r)
+    out = []
+    for est in _estimator_order([e for e, _ in cells]):
+        for lr in sorted(lr for e, lr in cells if e == est):
+            rs = sorted(cells[(est, lr)], key=lambda r: (r.seed is None, r.seed or 0))
+            fm, fs = mean_std([r.final_pass1 for r in rs])
+            bm, bs = mean_std([r.best_pass1 for r in rs])
+            peaks = [r.best_step for r in rs if r.best_step >= 0]
+            out.append(
+                StabilityCell(
+                    estimator=est,
+                    lr=lr,
+                    seeds=[r.seed for r in rs],
+                    n_stable=sum(r.verdict == "stable" for r in rs),
+                    n_collapsed=sum(r.verdict == "collapsed" for r in rs),
+                    n_exploded=sum(r.verdict == "exploded" for r in rs),
+                    final_mean=fm,
+                    final_std=fs,
+                    best_mean=bm,
+                    best_std=bs,
+                    best_step_mean=float(np.mean(peaks)) if peaks else math.nan,
+                )
+            )
+    return out
+
+
+def stable_lr_limit(cells: Sequence[StabilityCell], estimator: str) -> float | None:
+    """Largest lr up to which every cell of ``estimator`` (from the smallest lr on) had all
+    its seeds stable; None when even the smallest lr lost a seed."""
+    limit = None
+    for c in sorted((c for c in cells if c.estimator == estimator), key=lambda c: c.lr):
+        if c.n_stable != c.n:
+            break
+        limit = c.lr
+    return limit
+
+
+def _pm(mean: float, std: float) -> str:
+    return "-" if not math.isfinite(mean) else f"{mean:.3f} \u00b1 {std:.3f}"
+
+
+def stability_table(cells: Sequence[StabilityCell]) -> str:
+    """Markdown: one row per estimator, one column per lr; a cell reads
+    ``stable/seeds (C collapsed, E exploded) · final pass@1 mean ± std``."""
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    by = {(c.estimator, c.lr): c for c in cells}
+    lines = [
+        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | stable up to |",
+        "|---|" + "---|" * len(lrs) + "---|",
+    ]
+    for est in ests:
+        row = []
+        for lr in lrs:
+            c = by.get((est, lr))
+            if c is None:
+                row.append("-")
+                continue
+            bad = []
+            if c.n_collapsed:
+                bad.append(f"{c.n_collapsed} collapsed")
+            if c.n_exploded:
+                bad.append(f"{c.n_exploded} exploded")
+            how = f" ({', '.join(bad)})" if bad else ""
+            row.append(f"{c.n_stable}/{c.n} stable{how} \u00b7 {_pm(c.final_mean, c.final_std)}")
+        limit = stable_lr_limit(cells, est)
+        lines.append(
+            f"| {est} | " + " | ".join(row) + f" | {'none' if limit is None else f'{limit:g}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_stability_map(
+    cells: Sequence[StabilityCell], path: str | os.PathLike, *, dpi: int = 110
+) -> Path:
+    """Heat map, estimator x lr: colour = fraction of seeds stable; text = stable/seeds and
+    final pass@1 mean ± std."""
+    plt = _mpl()
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    grid = np.full((len(ests), len(lrs)), np.nan)  # [E, L]
+    by = {(c.estimator, c.lr): c for c in cells}
+    for i, e in enumerate(ests):
+        for j, lr in enumerate(lrs):
+            if (e, lr) in by:
+                grid[i, j] = by[(e, lr)].frac_stable
+    fig, ax = plt.subplots(figsize=(2.0 * len(lrs) + 2.6, 0.9 * len(ests) + 1.8))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, e in enumerate(ests):
+        for j, lr in enumerate(lrs):
+            c = by.get((e, lr))
+            if c is None:
+                continue
+            text = f"{c.n_stable}/{c.n} stable\n{_pm(c.final_mean, c.final_std)}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(ests)), ests)
+    ax.set_xlabel("learning rate (optim.lr)")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04)
+    cbar.set_label("fraction of seeds stable")
+    ax.set_title(
+        "Stability map: seeds stable / seeds and final held-out pass@1 (mean \u00b1 std)\n"
+        f"unstable = entropy < {COLLAPSE_RATIO:g}x or > {EXPLOSION_RATIO:g}x its first value "
+        f"for {VERDICT_WINDOW} consecutive steps",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+_VERDICT_COLOR = {"stable": "tab:green", "collapsed": "tab:blue", "exploded": "tab:red"}
+
+
+def plot_entropy_grid(
+    records: Sequence[RunStability], path: str | os.PathLike, *, dpi: int = 90
+) -> Path:
+    """One panel per (estimator, lr): each seed's entropy / first entropy, coloured by its
+    verdict, with the collapse and explosion thresholds dashed."""
+    plt = _mpl()
+    cells = stability_map(records)
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    fig, axes = plt.subplots(
+        len(ests), len(lrs), figsize=(2.6 * len(lrs) + 0.8, 1.9 * len(ests) + 1.0),
+        sharex=True, sharey=True, squeeze=False,
+    )  # fmt: skip
+    top = max([EXPLOSION_RATIO * 1.25] + [max(r.entropy) / r.entropy[0] for r in records])
+    for i, e in enumerate(ests):
+        for j, lr in enumerate(lrs):
+            ax = axes[i, j]
+            for r in (r for r in records if r.estimator == e and r.lr == lr):
+                ratio = np.asarray(r.entropy) / r.entropy[0]
+                ax.plot(r.entropy_steps, ratio, color=_VERDICT_COLOR.get(r.verdict, "0.4"),
+                        lw=1.0, alpha=0.8)  # fmt: skip
+            for y in (COLLAPSE_RATIO, EXPLOSION_RATIO):
+                ax.axhline(y, color="0.3", ls="--", lw=0.8)
+            ax.set_ylim(0.0, min(top, 4.0))
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"lr {lr:g}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{e}\nH / H(first)", fontsize=9)
+            if i == len(ests) - 1:
+                ax.set_xlabel("training step", fontsize=9)
+    handles = [plt.Line2D([], [], color=c, lw=2) for c in _VERDICT_COLOR.values()]
+    fig.suptitle(
+        "Entropy / first entropy per cell (one line per seed; dashed: 0.5x and 2x; "
+        "straight segments: steps with no update)",
+        fontsize=10,
+        y=0.995,
+    )
+    fig.legend(handles, list(_VERDICT_COLOR), loc="upper center", ncol=3, fontsize=9,
+               bbox_to_anchor=(0.5, 0.965))  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN / inf become None (JSON has no NaN), recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+@dataclass
+class StabilityResult:
+    """What :func:`build_stability` computed and wrote."""
+
+    records: list[RunStability]
+    cells: list[StabilityCell]
+    table: str
+    files: dict[str, Path]
+    notes: list[str]
+
+
+def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> StabilityResult:
+    """Read the runs under ``paths``; write ``stability.md``, ``stability.json``,
+    ``stability_map.png`` and ``stability_entropy.png`` into ``out``."""
+    notes: list[str] = []
+    runs = discover_runs(paths, notes)
+    records = []
+    for run in runs:
+        if not len(run.get(ENTROPY_KEY)[0]):
+            notes.append(f"{run.path}: no {ENTROPY_KEY} logged yet; left off the map")
+            continue
+        if not run.finished:
+            notes.append(
+                f"{run.name} seed {run.seed}: at step {run.last_step} of {run.planned_steps}; "
+                f"judged on the steps it has"
+            )
+        records.append(run_stability(run))
+    if not records:
+        raise ValueError(f"no run with {ENTROPY_KEY} under {', '.join(map(str, paths))}")
+    cells = stability_map(records)
+    table = stability_table(cells)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.md").write_text(table)
+    files = {
+        "map": plot_stability_map(cells, out / "stability_map.png"),
+        "entropy": plot_entropy_grid(records, out / "stability_entropy.png"),
+        "table": out / "stability.md",
+        "json": out / "stability.json",
+    }
+    data = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "definition": {
+            "collapse_ratio": COLLAPSE_RATIO,
+            "explosion_ratio": EXPLOSION_RATIO,
+            "window": VERDICT_WINDOW,
+        },
+        "cells": [{**asdict(c), "n": c.n, "frac_stable": c.frac_stable} for c in cells],
+        "stable_lr_limit": {
+            e: stable_lr_limit(cells, e) for e in dict.fromkeys(c.estimator for c in cells)
+        },  # fmt: skip
+        "runs": [
+            {k: v for k, v in asdict(r).items() if k not in ("entropy", "entropy_steps")}
+            for r in records
+        ],
+        "notes": notes,
+    }
+    (out / "stability.json").write_text(json.dumps(_json_safe(data), indent=1) + "\n")
+    return StabilityResult(records, cells, table, files, notes)
