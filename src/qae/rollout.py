@@ -42,6 +42,9 @@ class Batch:
         loss_rows: ``[B]`` bool, responses that take part in the loss (overlong masking
             clears it); advantages still use every row.
         texts: B decoded responses. answers: B ground truths. prompts: B prompt texts.
+        sample_entropy: B floats, the sum over each response's tokens of the entropy of
+            the distribution it was sampled from (logits / temperature), measured during
+            generation; empty when the backend did not measure it.
     """
 
     prompt_ids: list[list[int]]
@@ -54,6 +57,7 @@ class Batch:
     texts: list[str] = field(default_factory=list)
     answers: list[Any] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    sample_entropy: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -102,9 +106,36 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
             out[f.name] = torch.cat(shifted)
         elif isinstance(values[0], Tensor):
             out[f.name] = torch.cat(values)
-        else:
+        elif all(len(v) == len(b) for v, b in zip(values, batches, strict=True)):
             out[f.name] = [x for v in values for x in v]
+        else:  # an optional per-row list that some batch lacks
+            out[f.name] = []
     return Batch(**out)
+
+
+class _EntropyRecorder:
+    """Logits processor that records, at every generation step, the entropy of each row's
+    sampling distribution ``softmax(logits / temperature)`` and passes the logits on
+    unchanged. Custom processors run before the temperature and top-p warpers, so the
+    logits it sees are the model's own."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.steps: list[Tensor] = []  # one [rows] tensor per generated position
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.steps.append(token_entropy(scores.detach().float() / self.temperature).cpu())
+        return scores
+
+    def row_sums(self, lengths: Sequence[int]) -> list[float]:
+        """Per row, the sum of the recorded entropies over its first ``lengths[j]``
+        positions (later positions were padding after the row had ended)."""
+        if not self.steps:
+            return [0.0] * len(lengths)
+        ent = torch.stack(self.steps, dim=1)  # [rows, steps]
+        pos = torch.arange(ent.shape[1])
+        keep = pos[None, :] < torch.as_tensor(list(lengths))[:, None]
+        return (ent * keep).sum(dim=1).tolist()
 
 
 def collate(
@@ -200,12 +231,15 @@ def generate_batch(
     top_p: float = 1.0,
     max_new_tokens: int = 16,
     batch_size: int = 256,
+    measure_entropy: bool = True,
 ) -> Batch:
     """Sample ``group_size`` responses for each prompt with Hugging Face ``generate``.
 
     Scores and rewards are left at 0 (the caller scores them). Prompts are tokenized as
     given (apply templates first). Responses end at the first end-of-sequence token,
     which is kept; a response without one that reached ``max_new_tokens`` is truncated.
+    With ``measure_entropy`` each response's summed sampling entropy is recorded in
+    ``Batch.sample_entropy`` (one softmax over the vocabulary per generated token).
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -221,6 +255,7 @@ def generate_batch(
     prompt_rows: list[list[int]] = []
     response_rows: list[list[int]] = []
     truncated: list[bool] = []
+    entropy_sums: list[float] = []
     per_call = max(1, batch_size // group_size)
     for start in range(0, len(encoded), per_call):
         chunk = encoded[start : start + per_call]
@@ -237,6 +272,9 @@ def generate_batch(
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             kwargs.update(do_sample=False)
+        recorder = _EntropyRecorder(temperature) if measure_entropy else None
+        if recorder is not None:
+            kwargs["logits_processor"] = [recorder]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
@@ -244,6 +282,7 @@ def generate_batch(
             **kwargs,
         )
         new = out[:, width:].cpu()
+        first = len(response_rows)
         for j in range(new.shape[0]):
             toks = new[j].tolist()
             if eos is not None and eos in toks:
@@ -254,6 +293,8 @@ def generate_batch(
             prompt_rows.append(list(chunk[j // group_size]))
             response_rows.append(toks)
             truncated.append(cut)
+        if recorder is not None:
+            entropy_sums += recorder.row_sums([len(r) for r in response_rows[first:]])
     b = len(response_rows)
     texts = tokenizer.batch_decode(response_rows, skip_special_tokens=True)
     return Batch(
@@ -267,4 +308,5 @@ def generate_batch(
         texts=texts,
         answers=[a for a in answers for _ in range(group_size)],
         prompts=[p for p in prompts for _ in range(group_size)],
+        sample_entropy=entropy_sums,
     )

@@ -262,6 +262,7 @@ def collect_rollouts(
     kept: list[Batch] = []
     groups = rounds = generated = 0
     score_sum = scored = 0.0
+    ent_sum = ent_tokens = 0.0  # sampling entropy of every generated response
     t_gen = t_score = 0.0
     while rounds < r.max_gen_batches:
         records = data.train.take(r.prompts_per_step)
@@ -286,6 +287,9 @@ def collect_rollouts(
         finite = batch.scores[~torch.isnan(batch.scores)]
         score_sum += float(finite.sum())
         scored += finite.numel()
+        if batch.sample_entropy:
+            ent_sum += sum(batch.sample_entropy)
+            ent_tokens += float(batch.response_lengths().sum())
         if r.dynamic_sampling:
             batch = keep_informative_groups(batch)
         kept.append(batch)
@@ -301,6 +305,8 @@ def collect_rollouts(
         "time/generate": t_gen,
         "time/score": t_score,
     }
+    if ent_tokens:  # token-mean over everything sampled, kept by dynamic sampling or not
+        info["rollout/entropy"] = ent_sum / ent_tokens
     return batch, info
 
 
