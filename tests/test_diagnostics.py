@@ -14,6 +14,7 @@ from qae.diagnostics import (
     covariance_parts,
     entropy_histogram,
     entropy_verdict,
+    reward_verdict,
     length_volatility,
     regime_token_masks,
     sign_token_masks,
@@ -122,3 +123,23 @@ def test_entropy_verdict():
         entropy_verdict([0.0, 1.0])
     with pytest.raises(ValueError, match="empty"):
         entropy_verdict([])
+
+
+def test_reward_verdict():
+    held = [0.4, 0.3, 0.15, 0.19, 0.5] * 6  # dips below half, never for 10 steps
+    assert reward_verdict(held) == {
+        "verdict": "held",
+        "step": -1.0,
+        "initial": 0.4,
+        "min_ratio": pytest.approx(0.375),
+    }
+    collapse = [0.4] * 4 + [0.1] * 9 + [0.3] + [0.0] * 10
+    v = reward_verdict(collapse)
+    assert v["verdict"] == "collapsed" and v["step"] == 14 and v["min_ratio"] == 0.0
+    assert reward_verdict([0.1] * 10, initial=0.4)["verdict"] == "collapsed"
+    assert reward_verdict([0.1] * 10, initial=0.4, window=11)["verdict"] == "held"
+    assert reward_verdict([0.3] * 10, initial=0.4, collapse_ratio=0.8)["verdict"] == "collapsed"
+    with pytest.raises(ValueError, match="initial accuracy must be > 0"):
+        reward_verdict([0.0, 0.5])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        reward_verdict([0.5], window=0)

@@ -147,13 +147,17 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
     assert stable_lr_limit(result.cells, "dapo-mean") == 1e-4
     assert stable_lr_limit(result.cells, "qae-k0.4") == 1e-4
     table = result.table.splitlines()
-    assert table[0] == "| estimator | lr 0.0001 | lr 0.01 | stable up to |"
+    assert table[0] == (
+        "| estimator | lr 0.0001 | lr 0.01 | stable up to (entropy) "
+        "| stable up to (entropy and reward) |"
+    )
     assert table[2] == (
         "| dapo-mean | 4/4 stable \u00b7 0.450 \u00b1 0.129 | "
-        "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 |"
-    )
+        "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 | none |"
+    )  # no training accuracy logged: no reward verdict, so "both" holds nowhere
     data = json.loads((tmp_path / "out" / "stability.json").read_text())
-    assert data["stable_lr_limit"] == {"dapo-mean": 1e-4, "qae-k0.4": 1e-4}
+    assert data["stable_lr_limit"]["entropy"] == {"dapo-mean": 1e-4, "qae-k0.4": 1e-4}
+    assert data["stable_lr_limit"]["both"] == {"dapo-mean": None, "qae-k0.4": None}
     assert len(data["runs"]) == 16
     for key in ("map", "entropy"):
         path = result.files[key]
@@ -162,13 +166,57 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
 
 def test_stable_lr_limit_needs_every_smaller_lr_stable() -> None:
     def rec(lr: float, verdict: str) -> RunStability:
-        return RunStability("n", 0, "e", lr, verdict, -1, 0.1, 0.1, 0, 30, [1], [1.0])
+        return RunStability("n", 0, "e", lr, verdict, -1, "held", -1, 0.1, 0.1, 0, 30)
 
     # Stable at 1e-4, a seed lost at 1e-3, stable again at 3e-3: the limit stays 1e-4.
     cells = stability_map([rec(1e-4, "stable"), rec(1e-3, "collapsed"), rec(3e-3, "stable")])
     assert stable_lr_limit(cells, "e") == 1e-4
     assert stable_lr_limit(stability_map([rec(1e-4, "exploded")]), "e") is None
     assert "| none |" in stability_table(stability_map([rec(1e-4, "exploded")]))
+    with pytest.raises(ValueError, match="by must be entropy, reward or both, got by='x'"):
+        stable_lr_limit(cells, "e", by="x")
+
+
+def test_limits_by_reward_and_by_both() -> None:
+    def rec(lr: float, verdict: str, reward: str, seed: int = 0) -> RunStability:
+        return RunStability("n", seed, "e", lr, verdict, -1, reward, -1, 0.1, 0.1, 0, 30)
+
+    records = [
+        rec(1e-4, "stable", "held"),
+        rec(1e-4, "stable", "held", seed=1),
+        rec(1e-3, "stable", "held"),
+        rec(1e-3, "stable", "collapsed", seed=1),  # reward lost in one seed of two
+        rec(3e-3, "collapsed", "collapsed"),
+    ]
+    cells = stability_map(records)
+    assert [(c.n_reward_held, c.n_reward_judged) for c in cells] == [(2, 2), (1, 2), (0, 1)]
+    assert stable_lr_limit(cells, "e", "entropy") == 1e-3
+    assert stable_lr_limit(cells, "e", "reward") == 1e-4
+    assert stable_lr_limit(cells, "e", "both") == 1e-4
+    row = stability_table(cells).splitlines()[2]
+    assert row == (
+        "| e | 2/2 stable \u00b7 reward 2/2 held \u00b7 0.100 \u00b1 0.000 "
+        "| 2/2 stable \u00b7 reward 1/2 held \u00b7 0.100 \u00b1 0.000 "
+        "| 0/1 stable (1 collapsed) \u00b7 reward 0/1 held \u00b7 0.100 \u00b1 0.000 "
+        "| 0.001 | 0.0001 |"
+    )
+
+
+def test_sampling_entropy_is_preferred_and_reward_is_judged() -> None:
+    """``rollout/entropy`` (every step) wins over ``actor/entropy`` (update steps only)."""
+    run = _run("stable", _config("grpo", 1e-3))  # actor/entropy: stable
+    run.series["rollout/entropy"] = (np.array(STEPS), np.array(SHAPES["collapsed"]))
+    acc = [0.4] * 5 + [0.1] * 25  # below 0.2 from step 6 on
+    run.series["rollout/accuracy_all"] = (np.array(STEPS), np.array(acc))
+    rec = run_stability(run)
+    assert (rec.entropy_key, rec.verdict, rec.verdict_step) == ("rollout/entropy", "collapsed", 11)
+    assert (rec.reward, rec.reward_step) == ("collapsed", 6)
+    del run.series["rollout/entropy"]
+    run.series["rollout/accuracy_all"] = (np.array(STEPS), np.array([0.4] * 30))
+    rec = run_stability(run)
+    assert (rec.entropy_key, rec.verdict, rec.reward) == ("actor/entropy", "stable", "held")
+    run.series["rollout/accuracy_all"] = (np.array(STEPS), np.array([0.0] * 30))
+    assert run_stability(run).reward == "-"  # no reward to lose
 
 
 @settings(max_examples=40, deadline=None)
@@ -181,7 +229,7 @@ def test_stable_lr_limit_needs_every_smaller_lr_stable() -> None:
 )
 def test_cell_counts_and_mean_match_the_seeds(seeds: list[tuple[str, float]]) -> None:
     records = [
-        RunStability("n", i, "dapo-mean", 1e-3, v, -1, f, f, 0, 30, [1], [1.0])
+        RunStability("n", i, "dapo-mean", 1e-3, v, -1, "-", -1, f, f, 0, 30)
         for i, (v, f) in enumerate(seeds)
     ]
     (cell,) = stability_map(records)

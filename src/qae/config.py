@@ -144,13 +144,50 @@ class RolloutConfig:
     generation_batch_size: int = 512
     """Responses generated per ``generate`` call (memory bound)."""
 
+    backend: str = "hf"
+    """Generation engine: ``hf`` (Hugging Face ``generate``, any device) or ``vllm`` (a vLLM
+    engine beside the training model on the same CUDA GPU, its weights synced from the
+    training model every step; needs ``pip install 'qae[vllm]'``; vLLM batches by itself,
+    so ``generation_batch_size`` does not apply). ``vllm`` is untested: no GPU run of its
+    test has passed yet."""
+
+    vllm_gpu_memory_utilization: float = 0.3
+    """``vllm`` backend: fraction of the GPU's memory the vLLM engine may take (weights and
+    KV cache); the training model, its gradients and optimizer state need the rest."""
+
+    vllm_max_model_len: int = 0
+    """``vllm`` backend: longest prompt + response in tokens; 0 = the model's own context
+    length."""
+
+    vllm_dtype: str = "auto"
+    """``vllm`` backend: dtype of the engine's weights, ``auto`` (bfloat16, what the trainer's
+    autocast computes in on a GPU), ``bfloat16``, ``float16`` or ``float32``."""
+
+    vllm_enforce_eager: bool = False
+    """``vllm`` backend: no CUDA graphs (starts faster and uses less memory, generates
+    slower)."""
+
     def __post_init__(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "max_gen_batches", "top_p")
         _positive(self, "generation_batch_size", "overlong_buffer")
         _positive(self, "temperature", "max_new_tokens", "overlong_factor", allow_zero=True)
+        _positive(self, "vllm_gpu_memory_utilization")
+        _positive(self, "vllm_max_model_len", allow_zero=True)
         if self.overlong not in ("penalty", "mask", "none"):
             raise ValueError(
                 f"overlong must be penalty, mask or none, got overlong={self.overlong!r}"
+            )
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be hf or vllm, got backend={self.backend!r}")
+        if self.vllm_gpu_memory_utilization > 1:
+            raise ValueError(
+                "vllm_gpu_memory_utilization must be in (0, 1], got "
+                f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r}"
+            )
+        if self.vllm_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                "vllm_dtype must be auto, bfloat16, float16 or float32, "
+                f"got vllm_dtype={self.vllm_dtype!r}"
             )
 
 

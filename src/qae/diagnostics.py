@@ -26,10 +26,12 @@ __all__ = [
     "EXPLOSION_RATIO",
     "VERDICT_WINDOW",
     "covariance_parts",
-    "entropy_verdict",
+    "REWARD_COLLAPSE_RATIO",
     "entropy_histogram",
+    "entropy_verdict",
     "length_volatility",
     "regime_token_masks",
+    "reward_verdict",
     "sign_token_masks",
     "token_views",
     "tracking",
@@ -232,3 +234,45 @@ def entropy_verdict(
         "min_ratio": min(ratios),
         "max_ratio": max(ratios),
     }
+
+
+# A run's reward collapsed when its training accuracy stays below half its initial value
+# for the same sustained window: the policy drifted to wrong answers.
+REWARD_COLLAPSE_RATIO = 0.5
+
+
+def reward_verdict(
+    accuracy: Sequence[float],
+    *,
+    initial: float | None = None,
+    collapse_ratio: float = REWARD_COLLAPSE_RATIO,
+    window: int = VERDICT_WINDOW,
+) -> dict[str, float | str]:
+    """Reward-collapse verdict from a run's per-step training accuracy.
+
+    A run's reward ``collapsed`` when its accuracy stays below ``collapse_ratio *
+    initial`` for ``window`` consecutive steps, else it ``held``. ``initial`` defaults to
+    the first value. This catches the failure the entropy verdict can miss: a policy that
+    drifts to confident wrong answers, whose groups are then all wrong and (under dynamic
+    sampling) train on nothing.
+
+    Returns ``{"verdict": "held" | "collapsed", "step": index where the sustained window
+    began (-1 when held), "initial": ..., "min_ratio": ...}``.
+    """
+    values = [float(x) for x in accuracy]
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not values:
+        raise ValueError("accuracy is empty")
+    a0 = values[0] if initial is None else float(initial)
+    if not a0 > 0:
+        raise ValueError(f"initial accuracy must be > 0, got {a0}")
+    ratios = [v / a0 for v in values]
+    run = 0
+    verdict, start = "held", -1
+    for i, r in enumerate(ratios):
+        run = run + 1 if r < collapse_ratio else 0
+        if run >= window:
+            verdict, start = "collapsed", i - window + 1
+            break
+    return {"verdict": verdict, "step": float(start), "initial": a0, "min_ratio": min(ratios)}

@@ -1,11 +1,15 @@
 """Learning-rate stability map: which estimator stays stable at which learning rate.
 
-Every run gets a verdict from :func:`qae.diagnostics.entropy_verdict` on its
-``actor/entropy`` series (the one definition of collapse and explosion), its final and best
-held-out pass@1 and the step where pass@1 peaked. Runs are placed by estimator (mean
-baseline, QAE at a constant K, or QAE under a K controller, read from the run's
-``config.yaml``) and learning rate (``optim.lr``); a cell of the map holds the fraction of
-its seeds that stayed stable and the mean final pass@1 with its sample std.
+Every run gets two verdicts: :func:`qae.diagnostics.entropy_verdict` (the one definition of
+entropy collapse and explosion) on its sampling entropy ``rollout/entropy`` (measured on
+every generated response at every step; runs that predate it fall back to
+``actor/entropy``, which steps without an update do not log), and
+:func:`qae.diagnostics.reward_verdict` on its training accuracy ``rollout/accuracy_all``.
+Also its final and best held-out pass@1 and the step where pass@1 peaked. Runs are placed
+by estimator (mean baseline, QAE at a constant K, or QAE under a K controller, read from
+the run's ``config.yaml``) and learning rate (``optim.lr``); a cell of the map holds the
+fraction of its seeds that stayed stable, how many kept their reward, and the mean final
+pass@1 with its sample std.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from qae.diagnostics import COLLAPSE_RATIO, EXPLOSION_RATIO, VERDICT_WINDOW, entropy_verdict
+from qae.diagnostics import (
+    COLLAPSE_RATIO,
+    EXPLOSION_RATIO,
+    REWARD_COLLAPSE_RATIO,
+    VERDICT_WINDOW,
+    entropy_verdict,
+    reward_verdict,
+)
 from qae.report.runs import RunData, discover_runs
 from qae.report.stats import mean_std
 
@@ -39,7 +50,9 @@ __all__ = [
     "stable_lr_limit",
 ]
 
-ENTROPY_KEY = "actor/entropy"
+ENTROPY_KEYS = ("rollout/entropy", "actor/entropy")
+"""Entropy series the verdict reads, first one a run logged wins."""
+ACCURACY_KEY = "rollout/accuracy_all"
 PASS1_KEY = "val/pass@1"
 
 
@@ -89,24 +102,54 @@ class RunStability:
     """``stable``, ``collapsed`` or ``exploded`` (:func:`qae.diagnostics.entropy_verdict`)."""
     verdict_step: int
     """Training step where the sustained window began (-1 when stable)."""
+    reward: str
+    """``held`` or ``collapsed`` (:func:`qae.diagnostics.reward_verdict`); ``-`` when the
+    run logged no training accuracy or started at 0."""
+    reward_step: int
+    """Training step where the reward's sustained window began (-1 when it held)."""
     final_pass1: float
     best_pass1: float
     best_step: int
     """Step of the first evaluation reaching ``best_pass1`` (-1 without evaluations)."""
     last_step: int
+    entropy_key: str = ENTROPY_KEYS[0]
     entropy_steps: list[int] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
 
 
+def _finite(run: RunData, key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = run.get(key)  # [N], [N]
+    keep = np.isfinite(values)
+    return steps[keep], values[keep]
+
+
+def entropy_series(run: RunData) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(key, steps [N], entropy [N])``: the first of :data:`ENTROPY_KEYS` the run logged
+    finite values of (empty arrays and the first key when none)."""
+    for key in ENTROPY_KEYS:
+        steps, ent = _finite(run, key)
+        if len(ent):
+            return key, steps, ent
+    return ENTROPY_KEYS[0], *_finite(run, ENTROPY_KEYS[0])
+
+
+def _reward(run: RunData) -> tuple[str, int]:
+    steps, acc = _finite(run, ACCURACY_KEY)
+    if not len(acc) or not acc[0] > 0:
+        return "-", -1
+    v = reward_verdict(acc.tolist())
+    start = int(v["step"])
+    return str(v["verdict"]), int(steps[start]) if start >= 0 else -1
+
+
 def run_stability(run: RunData) -> RunStability:
-    """Verdict, final / best held-out pass@1 and the peak's step of one run."""
-    steps, ent = run.get(ENTROPY_KEY)  # [N], [N]
-    finite = np.isfinite(ent)
-    steps, ent = steps[finite], ent[finite]
+    """Verdicts, final / best held-out pass@1 and the peak's step of one run."""
+    key, steps, ent = entropy_series(run)
     if len(ent) == 0:
-        raise ValueError(f"run {run.path}: no finite {ENTROPY_KEY} to judge")
+        raise ValueError(f"run {run.path}: no finite {' or '.join(ENTROPY_KEYS)} to judge")
     verdict = entropy_verdict(ent.tolist())
     start = int(verdict["step"])
+    reward, reward_step = _reward(run)
     vsteps, vals = run.get(PASS1_KEY)  # [E], [E]
     keep = np.isfinite(vals)
     vsteps, vals = vsteps[keep], vals[keep]
@@ -123,10 +166,13 @@ def run_stability(run: RunData) -> RunStability:
         lr=_lr_of(run),
         verdict=str(verdict["verdict"]),
         verdict_step=int(steps[start]) if start >= 0 else -1,
+        reward=reward,
+        reward_step=reward_step,
         final_pass1=final,
         best_pass1=best,
         best_step=best_step,
         last_step=run.last_step,
+        entropy_key=key,
         entropy_steps=[int(s) for s in steps],
         entropy=[float(v) for v in ent],
     )
@@ -142,6 +188,10 @@ class StabilityCell:
     n_stable: int
     n_collapsed: int
     n_exploded: int
+    n_reward_held: int
+    """Seeds whose training accuracy held (:func:`qae.diagnostics.reward_verdict`)."""
+    n_reward_judged: int
+    """Seeds with a reward verdict (runs that logged training accuracy)."""
     final_mean: float
     final_std: float
     best_mean: float
@@ -185,6 +235,8 @@ def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
                     n_stable=sum(r.verdict == "stable" for r in rs),
                     n_collapsed=sum(r.verdict == "collapsed" for r in rs),
                     n_exploded=sum(r.verdict == "exploded" for r in rs),
+                    n_reward_held=sum(r.reward == "held" for r in rs),
+                    n_reward_judged=sum(r.reward != "-" for r in rs),
                     final_mean=fm,
                     final_std=fs,
                     best_mean=bm,
@@ -195,12 +247,20 @@ def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
     return out
 
 
-def stable_lr_limit(cells: Sequence[StabilityCell], estimator: str) -> float | None:
+def stable_lr_limit(
+    cells: Sequence[StabilityCell], estimator: str, by: str = "entropy"
+) -> float | None:
     """Largest lr up to which every cell of ``estimator`` (from the smallest lr on) had all
-    its seeds stable; None when even the smallest lr lost a seed."""
+    its seeds stable; None when even the smallest lr lost a seed. ``by``: ``entropy`` (the
+    entropy verdict), ``reward`` (every seed's reward held) or ``both``."""
+    if by not in ("entropy", "reward", "both"):
+        raise ValueError(f"by must be entropy, reward or both, got by={by!r}")
     limit = None
     for c in sorted((c for c in cells if c.estimator == estimator), key=lambda c: c.lr):
-        if c.n_stable != c.n:
+        ok_entropy = c.n_stable == c.n
+        ok_reward = c.n_reward_held == c.n
+        ok = {"entropy": ok_entropy, "reward": ok_reward, "both": ok_entropy and ok_reward}
+        if not ok[by]:
             break
         limit = c.lr
     return limit
@@ -210,15 +270,24 @@ def _pm(mean: float, std: float) -> str:
     return "-" if not math.isfinite(mean) else f"{mean:.3f} \u00b1 {std:.3f}"
 
 
+def _limit(cells: Sequence[StabilityCell], est: str, by: str) -> str:
+    limit = stable_lr_limit(cells, est, by)
+    return "none" if limit is None else f"{limit:g}"
+
+
 def stability_table(cells: Sequence[StabilityCell]) -> str:
     """Markdown: one row per estimator, one column per lr; a cell reads
-    ``stable/seeds (C collapsed, E exploded) · final pass@1 mean ± std``."""
+    ``stable/seeds (C collapsed, E exploded) · reward held/seeds · final pass@1 mean ±
+    std``; the last two columns give the largest lr up to which every seed was stable by
+    entropy, and by entropy and reward together."""
     ests = list(dict.fromkeys(c.estimator for c in cells))
     lrs = sorted({c.lr for c in cells})
     by = {(c.estimator, c.lr): c for c in cells}
     lines = [
-        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | stable up to |",
-        "|---|" + "---|" * len(lrs) + "---|",
+        "| estimator | "
+        + " | ".join(f"lr {lr:g}" for lr in lrs)
+        + " | stable up to (entropy) | stable up to (entropy and reward) |",
+        "|---|" + "---|" * len(lrs) + "---|---|",
     ]
     for est in ests:
         row = []
@@ -233,11 +302,16 @@ def stability_table(cells: Sequence[StabilityCell]) -> str:
             if c.n_exploded:
                 bad.append(f"{c.n_exploded} exploded")
             how = f" ({', '.join(bad)})" if bad else ""
-            row.append(f"{c.n_stable}/{c.n} stable{how} \u00b7 {_pm(c.final_mean, c.final_std)}")
-        limit = stable_lr_limit(cells, est)
+            held = f"reward {c.n_reward_held}/{c.n_reward_judged} held \u00b7 "
+            row.append(
+                f"{c.n_stable}/{c.n} stable{how} \u00b7 "
+                + (held if c.n_reward_judged else "")
+                + _pm(c.final_mean, c.final_std)
+            )
         lines.append(
-            f"| {est} | " + " | ".join(row) + f" | {'none' if limit is None else f'{limit:g}'} |"
-        )
+            f"| {est} | " + " | ".join(row)
+            + f" | {_limit(cells, est, 'entropy')} | {_limit(cells, est, 'both')} |"
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +345,10 @@ def plot_stability_map(
             c = by.get((e, lr))
             if c is None:
                 continue
-            text = f"{c.n_stable}/{c.n} stable\n{_pm(c.final_mean, c.final_std)}"
+            text = f"{c.n_stable}/{c.n} stable\n"
+            if c.n_reward_judged:
+                text += f"reward {c.n_reward_held}/{c.n_reward_judged} held\n"
+            text += _pm(c.final_mean, c.final_std)
             ax.text(j, i, text, ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(ests)), ests)
@@ -279,9 +356,11 @@ def plot_stability_map(
     cbar = fig.colorbar(im, ax=ax, fraction=0.04)
     cbar.set_label("fraction of seeds stable")
     ax.set_title(
-        "Stability map: seeds stable / seeds and final held-out pass@1 (mean \u00b1 std)\n"
+        "Stability map: seeds stable / seeds, seeds whose reward held, final held-out "
+        "pass@1 (mean \u00b1 std)\n"
         f"unstable = entropy < {COLLAPSE_RATIO:g}x or > {EXPLOSION_RATIO:g}x its first value "
-        f"for {VERDICT_WINDOW} consecutive steps",
+        f"for {VERDICT_WINDOW} consecutive steps; reward lost = training accuracy < "
+        f"{REWARD_COLLAPSE_RATIO:g}x its first value as long",
         fontsize=10,
     )
     fig.tight_layout()
@@ -327,9 +406,11 @@ def plot_entropy_grid(
             if i == len(ests) - 1:
                 ax.set_xlabel("training step", fontsize=9)
     handles = [plt.Line2D([], [], color=c, lw=2) for c in _VERDICT_COLOR.values()]
+    keys = sorted({r.entropy_key for r in records})
+    gaps = "; straight segments: steps with no update" if "actor/entropy" in keys else ""
     fig.suptitle(
-        "Entropy / first entropy per cell (one line per seed; dashed: 0.5x and 2x; "
-        "straight segments: steps with no update)",
+        f"{' / '.join(keys)} over its first value per cell (one line per seed; dashed: "
+        f"{COLLAPSE_RATIO:g}x and {EXPLOSION_RATIO:g}x{gaps})",
         fontsize=10,
         y=0.995,
     )
@@ -372,8 +453,8 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
     runs = discover_runs(paths, notes)
     records = []
     for run in runs:
-        if not len(run.get(ENTROPY_KEY)[0]):
-            notes.append(f"{run.path}: no {ENTROPY_KEY} logged yet; left off the map")
+        if not len(entropy_series(run)[1]):
+            notes.append(f"{run.path}: no {' or '.join(ENTROPY_KEYS)} logged yet; left off the map")
             continue
         if not run.finished:
             notes.append(
@@ -382,7 +463,9 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
             )
         records.append(run_stability(run))
     if not records:
-        raise ValueError(f"no run with {ENTROPY_KEY} under {', '.join(map(str, paths))}")
+        raise ValueError(
+            f"no run with {' or '.join(ENTROPY_KEYS)} under {', '.join(map(str, paths))}"
+        )
     cells = stability_map(records)
     table = stability_table(cells)
     out = Path(out)
@@ -400,11 +483,17 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
             "collapse_ratio": COLLAPSE_RATIO,
             "explosion_ratio": EXPLOSION_RATIO,
             "window": VERDICT_WINDOW,
+            "reward_collapse_ratio": REWARD_COLLAPSE_RATIO,
+            "entropy_keys": list(ENTROPY_KEYS),
+            "accuracy_key": ACCURACY_KEY,
         },
         "cells": [{**asdict(c), "n": c.n, "frac_stable": c.frac_stable} for c in cells],
         "stable_lr_limit": {
-            e: stable_lr_limit(cells, e) for e in dict.fromkeys(c.estimator for c in cells)
-        },  # fmt: skip
+            by: {
+                e: stable_lr_limit(cells, e, by) for e in dict.fromkeys(c.estimator for c in cells)
+            }
+            for by in ("entropy", "reward", "both")
+        },
         "runs": [
             {k: v for k, v in asdict(r).items() if k not in ("entropy", "entropy_steps")}
             for r in records

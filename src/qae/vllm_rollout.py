@@ -1,0 +1,317 @@
+"""Optional vLLM rollout backend for ``qae train`` (``rollout.backend=vllm``).
+
+A vLLM engine runs inside the training process, on the training model's GPU (colocated,
+as TRL's ``GRPOTrainer`` does with ``vllm_mode="colocate"``). It samples the step's
+responses; before each step :meth:`VLLMRollout.sync_weights` copies the training model's
+current parameters into it and clears its prefix cache, so every step samples from the
+policy being trained. Validation keeps Hugging Face ``generate``.
+
+The result is a :class:`qae.rollout.Batch` laid out exactly as
+:func:`qae.rollout.generate_batch` lays it out; :func:`batch_from_token_outputs`, the
+pure part, turns token ids into that layout and is tested without vLLM or a GPU.
+
+Departures from the ``hf`` backend: samples come from vLLM's own random streams (seeded
+once with ``trainer.seed``), not torch's, so the two backends draw different responses
+from the same weights; the engine computes in ``rollout.vllm_dtype`` (bfloat16 by
+default) while the update recomputes log-probs with the training model, as verl does.
+
+Status: untested until ``tests/test_vllm_rollout.py`` has passed on a GPU with vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qae.rollout import Batch
+
+if TYPE_CHECKING:
+    from qae.config import TrainConfig
+
+__all__ = [
+    "VLLMRollout",
+    "batch_from_token_outputs",
+    "named_weights",
+    "vllm_weight_name",
+]
+
+# Path segments that wrappers add to parameter names: torch.compile, activation
+# checkpointing and FSDP anywhere; DistributedDataParallel's ``module`` at the front.
+_WRAPPER_SEGMENTS = frozenset(("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"))
+_LEADING_WRAPPER = "module"
+
+INSTALL_HINT = "pip install 'qae[vllm]' (vllm>=0.19.1, on a machine with a CUDA GPU)"
+
+
+# --------------------------------------------------------------------------------------
+# Pure parts (no vLLM)
+
+
+def batch_from_token_outputs(
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[Sequence[int]]],
+    *,
+    group_size: int,
+    eos_token_id: int | None,
+    max_new_tokens: int,
+    decode: Callable[[list[list[int]]], list[str]],
+    length_stopped: Sequence[Sequence[bool]] | None = None,
+) -> Batch:
+    """A :class:`~qae.rollout.Batch` from sampled token ids, laid out as
+    :func:`~qae.rollout.generate_batch` lays it out.
+
+    Args:
+        prompts: P prompt texts. answers: P ground truths.
+        prompt_ids: P token lists of the prompts.
+        responses: P lists of G token lists (``responses[i][j]``: sample j of prompt i);
+            tokens after the first end-of-sequence token are dropped, the token is kept.
+        group_size: G, checked against every ``responses[i]``.
+        eos_token_id: the end-of-sequence token (None: responses never end early).
+        max_new_tokens: the length limit the samples were drawn with.
+        decode: token lists -> texts (e.g. ``tokenizer.batch_decode`` without special
+            tokens).
+        length_stopped: optional P lists of G flags, True where the engine stopped a sample
+            at a length limit (such a sample is truncated even when it is shorter than
+            ``max_new_tokens``, e.g. cut by the context length).
+
+    Returns:
+        B = P·G rows in prompt order, each prompt's G samples together: ``group_ids [B]``
+        ``[0]*G + [1]*G + ...``, ``truncated [B]`` (no end token and a length limit hit),
+        ``scores [B]`` and ``rewards [B]`` zero, ``loss_rows [B]`` all True.
+    """
+    n = len(prompts)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    for name, seq in (("answers", answers), ("prompt_ids", prompt_ids), ("responses", responses)):
+        if len(seq) != n:
+            raise ValueError(f"prompts has {n} items but {name} has {len(seq)}")
+    if length_stopped is not None and len(length_stopped) != n:
+        raise ValueError(f"prompts has {n} items but length_stopped has {len(length_stopped)}")
+    prompt_rows: list[list[int]] = []
+    response_rows: list[list[int]] = []
+    truncated: list[bool] = []
+    for i, samples in enumerate(responses):
+        if len(samples) != group_size:
+            raise ValueError(
+                f"prompt {i} has {len(samples)} responses, expected group_size={group_size}"
+            )
+        for j, sample in enumerate(samples):
+            toks = [int(t) for t in sample]
+            if eos_token_id is not None and eos_token_id in toks:
+                toks = toks[: toks.index(eos_token_id) + 1]
+                cut = False
+            else:
+                stopped = bool(length_stopped[i][j]) if length_stopped is not None else False
+                cut = stopped or len(toks) >= max_new_tokens
+            prompt_rows.append([int(t) for t in prompt_ids[i]])
+            response_rows.append(toks)
+            truncated.append(cut)
+    b = len(response_rows)
+    return Batch(
+        prompt_ids=prompt_rows,
+        response_ids=response_rows,
+        group_ids=torch.arange(n).repeat_interleave(group_size),
+        scores=torch.zeros(b),
+        rewards=torch.zeros(b),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        loss_rows=torch.ones(b, dtype=torch.bool),
+        texts=list(decode(response_rows)) if b else [],
+        answers=[a for a in answers for _ in range(group_size)],
+        prompts=[p for p in prompts for _ in range(group_size)],
+    )
+
+
+def vllm_weight_name(name: str) -> str:
+    """A parameter name as the checkpoint (and vLLM's ``load_weights``) spells it: the
+    segments that ``torch.compile`` (``_orig_mod``), activation checkpointing and FSDP add
+    are dropped, and so is DistributedDataParallel's leading ``module``."""
+    parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+    while len(parts) > 1 and parts[0] == _LEADING_WRAPPER:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, detached tensor)`` for every parameter of ``model``, possibly
+    wrapped; a tied parameter comes once (as ``named_parameters`` yields it)."""
+    for name, param in model.named_parameters():
+        yield vllm_weight_name(name), param.detach()
+
+
+# --------------------------------------------------------------------------------------
+# The engine
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _single_process_env(local_rank: int) -> None:
+    """Environment for a one-process vLLM engine inside this process.
+
+    ``distributed_executor_backend="external_launcher"`` runs the engine in the calling
+    process (its model is then reachable for weight updates) and joins a torch.distributed
+    group of one, which reads the usual launcher variables.
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+class VLLMRollout:
+    """Samples G responses per prompt with a vLLM engine colocated with the training model.
+
+    Args:
+        model_path: local directory (``config.json`` + safetensors) or hub id of the
+            training model's initial weights; the engine starts from them.
+        tokenizer: the training model's tokenizer: prompts are encoded and responses
+            decoded with it (the engine itself runs without one, token ids in and out).
+        gpu_memory_utilization: fraction of the GPU's memory the engine may take.
+        dtype: ``auto`` (bfloat16), ``bfloat16``, ``float16`` or ``float32``.
+        max_model_len: longest prompt + response in tokens; 0 = the model's own.
+        seed: seed of the engine's sampling.
+        enforce_eager: no CUDA graphs.
+        device: the training model's CUDA device (the engine goes on the same GPU).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "auto",
+        max_model_len: int = 0,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(f"rollout.backend='vllm' needs vLLM: {INSTALL_HINT}") from err
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"rollout.backend='vllm' needs a CUDA GPU ({INSTALL_HINT})")
+        index = torch.device(device).index if device is not None else None
+        _single_process_env(index if index is not None else torch.cuda.current_device())
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self._sampling_params = vllm.SamplingParams
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype="bfloat16" if dtype == "auto" else dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len or None,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher",
+            # Token ids in and out: the engine needs no tokenizer, and the model's
+            # generation_config.json must not add end tokens the hf backend would not stop at.
+            skip_tokenizer_init=True,
+            generation_config="vllm",
+        )
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, tokenizer: Any, device: torch.device) -> VLLMRollout:
+        """The engine ``qae train`` builds for ``cfg`` (``rollout.vllm_*``, ``trainer.seed``)
+        next to a training model on ``device``."""
+        from qae.config import BUILTIN
+
+        if torch.device(device).type != "cuda":
+            raise ValueError(
+                f"rollout.backend='vllm' needs the training model on a CUDA GPU, "
+                f"got model.device={cfg.model.device!r} (resolved to {device})"
+            )
+        path = cfg.model.path
+        if path == BUILTIN:
+            from qae.tasks import tiny_model_path
+
+            path = str(tiny_model_path())
+        r = cfg.rollout
+        return cls(
+            path,
+            tokenizer,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            dtype=r.vllm_dtype,
+            max_model_len=r.vllm_max_model_len,
+            seed=cfg.trainer.seed,
+            enforce_eager=r.vllm_enforce_eager,
+            device=device,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[Any],
+        *,
+        group_size: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 16,
+    ) -> Batch:
+        """Sample ``group_size`` responses for each prompt; the same contract as
+        :func:`qae.rollout.generate_batch` (temperature 0 is greedy)."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if len(prompts) != len(answers):
+            raise ValueError(f"prompts has {len(prompts)} items but answers has {len(answers)}")
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
+        greedy = temperature == 0
+        # Greedy samples of one prompt are identical: draw one and repeat it.
+        params = self._sampling_params(
+            n=1 if greedy else group_size,
+            temperature=temperature,
+            top_p=1.0 if greedy else top_p,
+            max_tokens=max_new_tokens,
+            stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None,
+            detokenize=False,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(ids)} for ids in encoded], params, use_tqdm=False
+        )
+        responses: list[list[list[int]]] = []
+        stopped: list[list[bool]] = []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            if greedy:
+                samples = samples[:1] * group_size
+            responses.append([list(c.token_ids) for c in samples])
+            stopped.append([c.finish_reason == "length" for c in samples])
+        return batch_from_token_outputs(
+            prompts,
+            answers,
+            encoded,
+            responses,
+            group_size=group_size,
+            eos_token_id=self.eos_token_id,
+            max_new_tokens=max_new_tokens,
+            decode=lambda rows: self.tokenizer.batch_decode(rows, skip_special_tokens=True),
+            length_stopped=stopped,
+        )
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s current parameters into the engine and clear its prefix cache
+        (cached keys and values were computed with the old weights)."""
+        weights = list(named_weights(model))
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        if executor is not None:  # the in-process engine: load straight into its model
+            executor.driver_worker.model_runner.model.load_weights(weights)
+        else:
+            self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        self.llm.reset_prefix_cache()
