@@ -75,3 +75,21 @@ def test_concat_keeps_sample_entropy_only_when_every_batch_has_it():
     assert mixed.sample_entropy == []
     assert len(mixed) == 5
     assert both.select([0, 4]).sample_entropy == [0.5, 0.5]
+
+
+def test_greedy_with_several_responses_per_prompt_repeats_one_draw(tiny):
+    model, tok = tiny
+    prompts = ["Q: 12+7=\nA:", "Q: 3*4=\nA:"]
+    batch = generate_batch(
+        model, tok, prompts, ["19", "12"], group_size=3, temperature=0.0, max_new_tokens=5
+    )
+    assert len(batch) == 6 and batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    one = generate_batch(
+        model, tok, prompts, ["19", "12"], group_size=1, temperature=0.0, max_new_tokens=5
+    )
+    for g in range(2):
+        for i in range(3):
+            assert batch.response_ids[3 * g + i] == one.response_ids[g]
+            assert batch.sample_entropy[3 * g + i] == pytest.approx(one.sample_entropy[g])
+            assert bool(batch.truncated[3 * g + i]) == bool(one.truncated[g])
+    assert batch.prompt_ids[3] == one.prompt_ids[1]

@@ -1,4 +1,5 @@
-"""The vLLM rollout backend: its pure parts on CPU, the engine on a GPU with vLLM.
+"""The vLLM rollout backend: its pure parts and its engine calls (against a stand-in for
+vLLM's API) on the CPU, the real engine on a GPU with vLLM.
 
 The GPU tests are skipped unless ``torch.cuda.is_available()`` and vLLM is installed
 (``pip install 'qae[vllm]'``); until they have passed on such a machine the backend is
@@ -10,19 +11,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import subprocess
 import sys
 import textwrap
+import types
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from qae import vllm_rollout
 from qae.config import RolloutConfig, TrainConfig
 from qae.configtools import apply_overrides
 from qae.rollout import generate_batch
 from qae.tasks import make_split, tiny_model_path
 from qae.tasks.tiny_model import MAX_NEW_TOKENS
-from qae.trainer import load_policy
+from qae.trainer import load_policy, train
 from qae.vllm_rollout import (
     VLLMRollout,
     batch_from_token_outputs,
@@ -128,30 +134,33 @@ def test_conversion_rejects_inconsistent_inputs(kwargs, match):
 
 def test_conversion_of_raw_hf_outputs_equals_generate_batch():
     """Raw ``generate`` rows (padded after EOS) through the conversion give exactly the
-    batch ``generate_batch`` builds from the same rows."""
+    batch ``generate_batch`` builds from the same draws."""
     model, tokenizer = load_policy("builtin", torch.device("cpu"))
-    rows = make_split("validation")[:6]
+    rows = make_split("validation")[:12]
     prompts = [r["prompt"] for r in rows]
     answers = [str(r["answer"]) for r in rows]
-    group = 2
+    group = 3
+    torch.manual_seed(0)
     expected = generate_batch(
-        model, tokenizer, prompts, answers, group_size=group, temperature=0.0,
-        max_new_tokens=MAX_NEW_TOKENS,
-    )  # fmt: skip
+        model, tokenizer, prompts, answers, group_size=group, max_new_tokens=MAX_NEW_TOKENS
+    )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    raw = []
-    for ids in encoded:  # one prompt at a time: no left padding, rows padded after EOS
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            num_return_sequences=group,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        raw.append(out[:, len(ids) :].tolist())
-    assert any(len(r) > 0 and tokenizer.eos_token_id in r[:-1] for g in raw for r in g) or True
+    width = max(len(x) for x in encoded)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, x in enumerate(encoded):  # one left-padded call: early finishers get padded
+        ids[i, width - len(x) :] = torch.tensor(x)
+        attn[i, width - len(x) :] = 1
+    torch.manual_seed(0)  # the same draws as generate_batch's single call
+    out = model.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=MAX_NEW_TOKENS, do_sample=True,
+        temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=group, eos_token_id=eos,
+        pad_token_id=pad,
+    )[:, width:].tolist()  # fmt: skip
+    raw = [out[i * group : (i + 1) * group] for i in range(len(prompts))]
+    # The cut is exercised: some raw row goes on (padding) after its end token.
+    assert any(eos in r and r.index(eos) < len(r) - 1 for g in raw for r in g)
     got = batch_from_token_outputs(
         prompts,
         answers,
@@ -226,7 +235,9 @@ def test_rollout_backend_fields_are_validated():
     for override, match in cases:
         with pytest.raises(ValueError, match=match):
             apply_overrides(TrainConfig(), override)
-    cfg = apply_overrides(TrainConfig(), {"rollout.backend": "vllm", "rollout.vllm_dtype": "float32"})
+    cfg = apply_overrides(
+        TrainConfig(), {"rollout.backend": "vllm", "rollout.vllm_dtype": "float32"}
+    )
     assert (cfg.rollout.backend, cfg.rollout.vllm_dtype) == ("vllm", "float32")
 
 
@@ -251,6 +262,174 @@ def test_from_config_needs_a_cuda_device():
     cfg = apply_overrides(TrainConfig(), {"rollout.backend": "vllm", "model.device": "cpu"})
     with pytest.raises(ValueError, match=r"needs the training model on a CUDA GPU.*'cpu'"):
         VLLMRollout.from_config(cfg, tokenizer=None, device=torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------
+# The engine calls, against a stand-in for vLLM (CPU)
+#
+# The stand-in implements the part of vLLM's API the backend uses, as vLLM documents it:
+# ``LLM(...)``, ``generate`` on token-id prompts returning ``outputs`` with ``index``,
+# ``token_ids`` (the stop token kept, nothing after it) and ``finish_reason``, the
+# in-process model's ``load_weights`` on checkpoint names, ``reset_prefix_cache``. It
+# checks the backend's calls, not vLLM itself: that is the GPU tests' job.
+
+
+class _StandInLLM:
+    def __init__(self, model: str, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.kwargs = kwargs
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        runner = SimpleNamespace(model=self)
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
+        )
+        self.resets = 0
+
+    def load_weights(self, weights):
+        params = dict(self.model.named_parameters())
+        for name, tensor in weights:
+            if name not in params:  # vLLM's loader raises on unknown names too
+                raise ValueError(f"There is no module or parameter named {name!r}")
+            params[name].data.copy_(tensor)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    @torch.no_grad()
+    def generate(self, prompts, params, use_tqdm=True):
+        assert params.detokenize is False
+        assert params.temperature > 0 or params.n == 1, "vLLM: greedy sampling needs n=1"
+        (stop,) = params.stop_token_ids
+        sampling = dict(do_sample=False)
+        if params.temperature > 0:
+            sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        outs = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            new = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), top_k=0,
+                max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+                eos_token_id=stop, pad_token_id=0, **sampling,
+            )[:, ids.shape[1] :].tolist()  # fmt: skip
+            done = []
+            for j, toks in enumerate(new):
+                reason = "stop" if stop in toks else "length"
+                toks = toks[: toks.index(stop) + 1] if stop in toks else toks
+                done.append(SimpleNamespace(index=j, token_ids=toks, finish_reason=reason))
+            outs.append(SimpleNamespace(outputs=done[::-1]))  # any order: sorted by index
+        return outs
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = _StandInLLM
+    module.SamplingParams = lambda **kwargs: SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(vllm_rollout, "_single_process_env", lambda local_rank: None)
+    return module
+
+
+def _stand_in_rollout(monkeypatch, tokenizer, **kwargs):
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        return VLLMRollout(str(tiny_model_path()), tokenizer, device="cuda:0", **kwargs)
+
+
+def test_engine_is_built_token_in_token_out_in_process(stand_in_vllm, monkeypatch):
+    _, tokenizer = load_policy("builtin", torch.device("cpu"))
+    cfg = apply_overrides(
+        TrainConfig(),
+        {"rollout.backend": "vllm", "rollout.vllm_enforce_eager": True, "trainer.seed": 7},
+    )
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        rollout = VLLMRollout.from_config(cfg, tokenizer, torch.device("cuda:0"))
+    kw = rollout.llm.kwargs
+    assert rollout.llm.model.config.vocab_size == len(tokenizer)  # builtin -> the tiny model
+    assert kw["skip_tokenizer_init"] is True and kw["generation_config"] == "vllm"
+    assert kw["distributed_executor_backend"] == "external_launcher"
+    assert kw["dtype"] == "bfloat16" and kw["max_model_len"] is None  # auto, 0
+    assert kw["gpu_memory_utilization"] == 0.3 and kw["seed"] == 7 and kw["enforce_eager"]
+
+
+def test_generate_and_sync_through_the_engine_calls(stand_in_vllm, monkeypatch):
+    model, tokenizer = load_policy("builtin", torch.device("cpu"))
+    rollout = _stand_in_rollout(monkeypatch, tokenizer)
+    rows = make_split("validation")[:16]
+    prompts = [r["prompt"] for r in rows]
+    answers = [str(r["answer"]) for r in rows]
+
+    def hf_greedy():
+        return generate_batch(
+            model, tokenizer, prompts, answers, group_size=1, temperature=0.0,
+            max_new_tokens=MAX_NEW_TOKENS,
+        )  # fmt: skip
+
+    # Greedy, G = 3: one draw per prompt repeated, equal to generate's greedy rows.
+    got = rollout.generate(prompts, answers, group_size=3, temperature=0.0, max_new_tokens=5)
+    want = hf_greedy().select(torch.arange(16).repeat_interleave(3))
+    assert got.response_ids == want.response_ids and got.texts == want.texts
+    assert torch.equal(got.truncated, want.truncated)
+    assert got.group_ids.tolist() == torch.arange(16).repeat_interleave(3).tolist()
+
+    sampled = rollout.generate(prompts, answers, group_size=4, max_new_tokens=MAX_NEW_TOKENS)
+    assert len(sampled) == 64 and sampled.num_groups == 16
+    assert all(tokenizer.eos_token_id not in r[:-1] for r in sampled.response_ids)
+
+    with torch.no_grad():  # the training model moves away from the engine's weights
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.abs().mean())
+    rollout.sync_weights(torch.compile(model))  # wrapped names are mapped back
+    engine = dict(rollout.llm.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(engine[name], p), name
+    assert rollout.llm.resets == 1
+    after = rollout.generate(prompts, answers, group_size=1, temperature=0.0, max_new_tokens=5)
+    assert after.response_ids == hf_greedy().response_ids
+
+
+def test_train_samples_with_the_engine_and_syncs_every_step(stand_in_vllm, monkeypatch, tmp_path):
+    """``rollout.backend=vllm`` in the loop: one engine, every rollout from it, a weight
+    sync before each step (the trainer's hook, on CPU through the stand-in)."""
+    built, calls = [], {"generate": 0, "sync_weights": 0}
+
+    def from_config(cfg, tokenizer, device):
+        built.append(cfg.rollout.backend)
+        return _stand_in_rollout(monkeypatch, tokenizer)
+
+    monkeypatch.setattr(VLLMRollout, "from_config", staticmethod(from_config))
+    for name in list(calls):
+        original = getattr(VLLMRollout, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(VLLMRollout, name, spy)
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "log.out": str(tmp_path / "run"),
+            "log.progress": False,
+            "log.tensorboard": False,
+            "model.device": "cpu",
+            "trainer.steps": 2,
+            "trainer.threads": 1,
+            "trainer.diagnostics_every": 0,
+            "rollout.prompts_per_step": 4,
+            "rollout.group_size": 4,
+            "rollout.backend": "vllm",
+            "eval.enabled": False,
+        },
+    )
+    result = train(cfg)
+    assert result.steps == 2
+    assert built == ["vllm"], "the trainer should build the engine once"
+    assert calls["sync_weights"] == 2, "one weight sync before each step"
+    assert calls["generate"] >= 2, "every rollout comes from the engine"
 
 
 # --------------------------------------------------------------------------------------
@@ -293,7 +472,8 @@ def test_vllm_generates_the_batch_layout_and_follows_synced_weights():
     assert batch.texts == tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
     assert batch.answers == [a for a in answers for _ in range(4)]
     assert not batch.scores.any() and batch.loss_rows.all()
-    assert len({tuple(r) for r in batch.response_ids}) > 64  # sampling, not greedy
+    groups = [batch.response_ids[4 * i : 4 * i + 4] for i in range(64)]
+    assert any(len({tuple(r) for r in g}) > 1 for g in groups)  # sampled, not greedy
 
     def hf_greedy() -> list[list[int]]:
         return generate_batch(
@@ -361,17 +541,22 @@ def test_qae_train_with_the_vllm_backend_runs_two_steps(tmp_path):
         "trainer.steps": 2,
         "rollout.prompts_per_step": 4,
         "rollout.group_size": 4,
+        "rollout.dynamic_sampling": False,  # every step trains on its 16 responses
         "rollout.backend": "vllm",
         "rollout.vllm_gpu_memory_utilization": 0.2,
         "rollout.vllm_enforce_eager": True,
         "eval.enabled": False,
         "trainer.diagnostics_every": 0,
     }
+    # Not the launcher variables an engine of this process may have set (its port is taken).
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.run(
         [sys.executable, "-c", _TRAIN_SCRIPT, json.dumps(overrides)],
         capture_output=True,
         text=True,
         timeout=900,
+        env=env,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -383,5 +568,5 @@ def test_qae_train_with_the_vllm_backend_runs_two_steps(tmp_path):
     steps = [r for r in rows if r["step"] >= 1]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert r["rollout/generated"] >= 16
-        assert torch.isfinite(torch.tensor(r["train/loss"]))
+        assert r["rollout/generated"] == 16 and r["batch/responses"] == 16
+        assert math.isfinite(r["train/loss"])

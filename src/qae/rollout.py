@@ -275,26 +275,33 @@ def generate_batch(
         recorder = _EntropyRecorder(temperature) if measure_entropy else None
         if recorder is not None:
             kwargs["logits_processor"] = [recorder]
+        # Greedy decoding draws the same response G times: generate it once and repeat it
+        # (``generate`` refuses several greedy sequences per prompt).
+        draws = group_size if temperature > 0 else 1
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
-            num_return_sequences=group_size,
+            num_return_sequences=draws,
             **kwargs,
         )
-        new = out[:, width:].cpu()
-        first = len(response_rows)
+        new = out[:, width:].cpu()  # [len(chunk) * draws, steps]
+        rows: list[list[int]] = []
         for j in range(new.shape[0]):
             toks = new[j].tolist()
             if eos is not None and eos in toks:
                 toks = toks[: toks.index(eos) + 1]
-                cut = False
-            else:
-                cut = len(toks) >= max_new_tokens
-            prompt_rows.append(list(chunk[j // group_size]))
-            response_rows.append(toks)
-            truncated.append(cut)
-        if recorder is not None:
-            entropy_sums += recorder.row_sums([len(r) for r in response_rows[first:]])
+            rows.append(toks)
+        sums = recorder.row_sums([len(r) for r in rows]) if recorder is not None else []
+        repeat = group_size // draws
+        for j, toks in enumerate(rows):
+            ended = eos is not None and bool(toks) and toks[-1] == eos
+            cut = not ended and len(toks) >= max_new_tokens
+            for _ in range(repeat):
+                prompt_rows.append(list(chunk[j // draws]))
+                response_rows.append(list(toks))
+                truncated.append(cut)
+                if sums:
+                    entropy_sums.append(sums[j])
     b = len(response_rows)
     texts = tokenizer.batch_decode(response_rows, skip_special_tokens=True)
     return Batch(

@@ -256,9 +256,19 @@ def collect_rollouts(
     tokenizer: Any,
     data: TaskData,
     cfg: TrainConfig,
+    engine: Any = None,
 ) -> tuple[Batch, dict[str, float]]:
-    """Sample, score and (with dynamic sampling) filter until the step's batch is full."""
+    """Sample, score and (with dynamic sampling) filter until the step's batch is full.
+
+    ``engine`` (``rollout.backend=vllm``: a :class:`qae.vllm_rollout.VLLMRollout`) samples
+    instead of ``generate``, after taking the model's current weights.
+    """
     r = cfg.rollout
+    t_sync = 0.0
+    if engine is not None:  # the engine samples from this step's weights
+        t0 = time.perf_counter()
+        engine.sync_weights(model)
+        t_sync = time.perf_counter() - t0
     kept: list[Batch] = []
     groups = rounds = generated = 0
     score_sum = scored = 0.0
@@ -267,17 +277,23 @@ def collect_rollouts(
     while rounds < r.max_gen_batches:
         records = data.train.take(r.prompts_per_step)
         t0 = time.perf_counter()
-        batch = generate_batch(
-            model,
-            tokenizer,
-            [data.format_prompt(x) for x in records],
-            [x.answer for x in records],
-            group_size=r.group_size,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_new_tokens=data.max_new_tokens,
-            batch_size=r.generation_batch_size,
-        )
+        prompts = [data.format_prompt(x) for x in records]
+        answers = [x.answer for x in records]
+        sampling = dict(group_size=r.group_size, temperature=r.temperature, top_p=r.top_p)
+        if engine is not None:
+            batch = engine.generate(
+                prompts, answers, max_new_tokens=data.max_new_tokens, **sampling
+            )
+        else:
+            batch = generate_batch(
+                model,
+                tokenizer,
+                prompts,
+                answers,
+                max_new_tokens=data.max_new_tokens,
+                batch_size=r.generation_batch_size,
+                **sampling,
+            )
         t1 = time.perf_counter()
         batch = score_batch(batch, data.reward)
         t_score += time.perf_counter() - t1
@@ -305,6 +321,8 @@ def collect_rollouts(
         "time/generate": t_gen,
         "time/score": t_score,
     }
+    if engine is not None:
+        info["time/weight_sync"] = t_sync
     if ent_tokens:  # token-mean over everything sampled, kept by dynamic sampling or not
         info["rollout/entropy"] = ent_sum / ent_tokens
     return batch, info
@@ -756,6 +774,11 @@ def train(
         model.load_state_dict(state_dict, strict=False)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    engine = None
+    if cfg.rollout.backend == "vllm":
+        from qae.vllm_rollout import VLLMRollout
+
+        engine = VLLMRollout.from_config(cfg, tokenizer, device)
     data = load_task_data(cfg, tokenizer)
     if cfg.rollout.group_size < 2 and cfg.algo.estimator in ("qae", "grpo", "drgrpo", "rloo"):
         raise ValueError(
@@ -819,6 +842,7 @@ def train(
                 kctrl,
                 history,
                 run_dir,
+                engine=engine,
             )
             e = cfg.eval
             if e.every and step % e.every == 0 and step != cfg.trainer.steps:
@@ -916,6 +940,7 @@ def train_step(
     kctrl: KController,
     history: RunHistory | None = None,
     run_dir: Path | None = None,
+    engine: Any = None,
 ) -> dict[str, float]:
     """One rollout-score-advantage-update step; returns its metrics.
 
@@ -923,7 +948,7 @@ def train_step(
     the step's entropy and sparsity afterwards.
     """
     t_start = time.perf_counter()
-    batch, metrics = collect_rollouts(model, tokenizer, data, cfg)
+    batch, metrics = collect_rollouts(model, tokenizer, data, cfg, engine)
     batch = shape_rewards(batch, cfg, data.max_new_tokens)
     b = len(batch)
     metrics["batch/responses"] = b

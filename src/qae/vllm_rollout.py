@@ -13,7 +13,9 @@ pure part, turns token ids into that layout and is tested without vLLM or a GPU.
 Departures from the ``hf`` backend: samples come from vLLM's own random streams (seeded
 once with ``trainer.seed``), not torch's, so the two backends draw different responses
 from the same weights; the engine computes in ``rollout.vllm_dtype`` (bfloat16 by
-default) while the update recomputes log-probs with the training model, as verl does.
+default) while the update recomputes log-probs with the training model, as verl does;
+``Batch.sample_entropy`` stays empty (vLLM returns no full-distribution entropy), so
+``rollout/entropy`` is not logged.
 
 Status: untested until ``tests/test_vllm_rollout.py`` has passed on a GPU with vLLM.
 """
@@ -215,6 +217,9 @@ class VLLMRollout:
             max_model_len=max_model_len or None,
             seed=seed,
             enforce_eager=enforce_eager,
+            # The memory profiler's default dummy batch (tens of thousands of tokens) does not
+            # fit beside a training model; chunked prefill handles longer prompts.
+            max_num_batched_tokens=4096,
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
             # Token ids in and out: the engine needs no tokenizer, and the model's
