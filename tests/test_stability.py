@@ -21,6 +21,7 @@ from qae.report.stability import (
     RunStability,
     build_stability,
     estimator_label,
+    peak_table,
     run_stability,
     stability_map,
     stability_table,
@@ -155,6 +156,13 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
         "| dapo-mean | 4/4 stable \u00b7 0.450 \u00b1 0.129 | "
         "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 | none |"
     )  # no training accuracy logged: no reward verdict, so "both" holds nowhere
+    peaks = peak_table(result.cells).splitlines()
+    assert peaks[0] == "| estimator | lr 0.0001 | lr 0.01 |"
+    # dapo-mean at 1e-4: bests max(0.55, final) = 0.55, 0.55, 0.6 (step 30), 0.55
+    assert peaks[2].startswith("| dapo-mean | 0.562 \u00b1 0.025 \u00b7 peak at step 15 |")
+    assert (tmp_path / "out" / "stability.md").read_text() == (result.table) and peak_table(
+        result.cells
+    ) in result.table
     data = json.loads((tmp_path / "out" / "stability.json").read_text())
     assert data["stable_lr_limit"]["entropy"] == {"dapo-mean": 1e-4, "qae-k0.4": 1e-4}
     assert data["stable_lr_limit"]["both"] == {"dapo-mean": None, "qae-k0.4": None}

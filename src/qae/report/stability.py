@@ -42,6 +42,7 @@ __all__ = [
     "StabilityResult",
     "build_stability",
     "estimator_label",
+    "peak_table",
     "plot_entropy_grid",
     "plot_stability_map",
     "run_stability",
@@ -315,6 +316,34 @@ def stability_table(cells: Sequence[StabilityCell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peak_table(cells: Sequence[StabilityCell]) -> str:
+    """Markdown, same layout as :func:`stability_table`: a cell reads ``best held-out
+    pass@1 mean ± std · peak at step S`` (S: mean over seeds of the first step reaching
+    each seed's best)."""
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    by = {(c.estimator, c.lr): c for c in cells}
+    lines = [
+        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for est in ests:
+        row = []
+        for lr in lrs:
+            c = by.get((est, lr))
+            if c is None:
+                row.append("-")
+                continue
+            peak = (
+                f" \u00b7 peak at step {c.best_step_mean:.0f}"
+                if math.isfinite(c.best_step_mean)
+                else ""
+            )
+            row.append(_pm(c.best_mean, c.best_std) + peak)
+        lines.append(f"| {est} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mpl():
     import matplotlib
 
@@ -467,7 +496,11 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
             f"no run with {' or '.join(ENTROPY_KEYS)} under {', '.join(map(str, paths))}"
         )
     cells = stability_map(records)
-    table = stability_table(cells)
+    table = (
+        stability_table(cells)
+        + "\nBest held-out pass@1 and where it peaked:\n\n"
+        + (peak_table(cells))
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stability.md").write_text(table)
