@@ -27,14 +27,8 @@ from qae.advantages import compute_advantages
 from qae.config import TrainConfig
 from qae.configtools import apply_overrides
 from qae.rollout import Batch, generate_batch
-from qae.trainer import (
-    _active_rows,
-    _scatter_rows,
-    accumulate_gradients,
-    batch_logprobs,
-    load_policy,
-    score_batch,
-)
+from qae.trainer import load_policy, score_batch
+from qae.update import accumulate_gradients, active_rows, batch_logprobs, scatter_rows
 
 
 def embedded_batch():
@@ -95,10 +89,10 @@ def time_update(model, batch, adv, cfg, skip, full_metrics, repeats) -> float:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         if skip and full_metrics:  # what the trainer does for the skipped rows' metrics
-            active = set(_active_rows(batch, rows, adv, True))
+            active = set(active_rows(batch, rows, adv, True))
             rest = [i for i in rows if i not in active]
             if rest:
-                _scatter_rows(
+                scatter_rows(
                     batch_logprobs(model, batch, rest, 0, cfg, torch.device("cpu")),
                     rest,
                     len(batch),

@@ -11,13 +11,8 @@ from qae.configtools import apply_overrides
 from qae.losses import AGG_MODES
 from qae.rollout import generate_batch
 from qae.tasks import make_split
-from qae.trainer import (
-    _scatter_rows,
-    accumulate_gradients,
-    batch_logprobs,
-    load_policy,
-    skip_is_exact,
-)
+from qae.trainer import load_policy
+from qae.update import accumulate_gradients, batch_logprobs, scatter_rows, skip_is_exact
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +70,7 @@ def test_skipping_zero_rows_keeps_every_gradient(setup, loss, agg):
     )
     # An off-policy old_logp so that clipping is active on some tokens.
     rows = list(range(len(batch)))
-    logp, _ = _scatter_rows(
+    logp, _ = scatter_rows(
         batch_logprobs(model, batch, rows, 0, cfg, torch.device("cpu")), rows, len(batch)
     )
     old = logp.double() + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(1))

@@ -2,8 +2,9 @@
 
 One step: prompts -> G sampled responses per prompt -> rewards -> dynamic sampling and
 overlong handling -> advantages (registered estimator) -> PPO mini-batch updates with the
-registered loss -> metrics -> checkpoint. The modules own the math; this file owns the loop
-and its state.
+registered loss -> metrics -> checkpoint. The modules own the math (the update phase is
+:mod:`qae.update`, the per-step diagnostics :mod:`qae.step_diagnostics`); this file owns
+the loop and its state.
 
 Where this loop departs from the paper's DAPO recipe (verl):
 - The sampling policy's log-probs are recomputed by a forward pass of the current weights
@@ -18,7 +19,6 @@ Where this loop departs from the paper's DAPO recipe (verl):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -36,26 +36,27 @@ from qae.advantages import (
     advantage_stats,
     broadcast_to_tokens,
     compute_advantages,
-    group_regimes,
 )
 from qae.config import BUILTIN, TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.data import PromptRecord
 from qae.diagnostics import (
-    covariance_parts,
     entropy_histogram,
-    length_volatility,
-    regime_token_masks,
-    sign_token_masks,
-    token_views,
-    tracking,
 )
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
-from qae.losses import batch_counts, compute_policy_loss
-from qae.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
+from qae.rollout import Batch, concat_batches, generate_batch
 from qae.runlog import Checkpointer, MetricsLogger, atomic_write_text
+from qae.step_diagnostics import RunHistory, attribution_metrics, token_level_views
+from qae.update import (
+    active_rows,
+    batch_logprobs,
+    scatter_rows,
+    skip_is_exact,
+    token_mask,
+    update_policy,
+)
 
 __all__ = ["PromptStream", "TrainResult", "train", "validate"]
 
@@ -341,279 +342,6 @@ def shape_rewards(batch: Batch, cfg: TrainConfig, max_new_tokens: int) -> Batch:
 
 
 # --------------------------------------------------------------------------------------
-# Update phase
-
-
-def _micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:
-    return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
-
-
-@torch.no_grad()
-def batch_logprobs(
-    model: Any, batch: Batch, rows: Sequence[int], pad_id: int, cfg: TrainConfig, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logp [B, T]`` and ``entropy [B, T]`` of the given rows, no gradient."""
-    t = max((len(batch.response_ids[i]) for i in rows), default=1)
-    logp = torch.zeros(len(rows), max(t, 1))
-    ent = torch.zeros(len(rows), max(t, 1))
-    for chunk_start in range(0, len(rows), cfg.trainer.micro_batch_size):
-        chunk = rows[chunk_start : chunk_start + cfg.trainer.micro_batch_size]
-        inputs = collate(
-            [batch.prompt_ids[i] for i in chunk],
-            [batch.response_ids[i] for i in chunk],
-            pad_id,
-            device,
-        )
-        with _autocast(device):
-            lp, en = response_logprobs(
-                model, inputs, with_entropy=True, temperature=cfg.rollout.temperature or 1.0
-            )
-        w = lp.shape[1]
-        logp[chunk_start : chunk_start + len(chunk), :w] = lp.float().cpu()
-        ent[chunk_start : chunk_start + len(chunk), :w] = en.float().cpu()
-    return logp, ent
-
-
-def _scatter_rows(
-    pair: tuple[torch.Tensor, torch.Tensor], rows: Sequence[int], b: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Place ``[len(rows), T]`` results at their rows of ``[B, T]`` zeros."""
-    out = []
-    for x in pair:
-        full = torch.zeros(b, x.shape[1])
-        if rows:
-            full[torch.tensor(list(rows))] = x
-        out.append(full)
-    return out[0], out[1]
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _token_mask(batch: Batch, rows: Sequence[int], width: int) -> torch.Tensor:
-    """``[b, width]`` float mask of response tokens of rows that take part in the loss."""
-    mask = torch.zeros(len(rows), width)
-    for j, i in enumerate(rows):
-        if batch.loss_rows[i]:
-            mask[j, : len(batch.response_ids[i])] = 1.0
-    return mask
-
-
-def skip_is_exact(cfg: TrainConfig) -> bool:
-    """Whether zero-advantage rows can leave the update without changing the gradient.
-
-    True for the ``ppo`` and ``gspo`` losses without KL or entropy terms: a token with
-    advantage 0 has loss 0 under every clip, so its row adds nothing but its count to the
-    denominator (taken from the full mini-batch). Clip-Cov / KL-Cov pick tokens by
-    statistics over all rows, and the KL / entropy terms have gradients on every row, so
-    with those every row stays in the update.
-    """
-    lc = cfg.loss
-    return (
-        cfg.trainer.skip_zero_adv
-        and lc.loss in ("ppo", "gspo")
-        and lc.kl_coef == 0
-        and lc.entropy_coef == 0
-    )
-
-
-def _active_rows(
-    batch: Batch, rows: Sequence[int], advantages: torch.Tensor, skip: bool
-) -> list[int]:
-    """Rows that take part in the forward/backward: all loss rows, or (skipping) those
-    with a non-zero advantage."""
-    nonzero = (advantages != 0).tolist()
-    loss_rows = batch.loss_rows.tolist()
-    return [
-        i
-        for i in rows
-        if loss_rows[i] and len(batch.response_ids[i]) > 0 and (not skip or nonzero[i])
-    ]
-
-
-def accumulate_gradients(
-    model: Any,
-    batch: Batch,
-    rows: Sequence[int],
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    pad_id: int,
-    cfg: TrainConfig,
-    device: torch.device,
-    generator: torch.Generator,
-    *,
-    skip: bool,
-    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[dict[str, float], int]:
-    """Backward of one mini-batch's loss (no optimizer step); returns metrics, rows run.
-
-    The loss is normalised by the counts of the whole mini-batch (``rows``), so summing
-    micro-batches, and leaving zero-advantage rows out (``skip``), give the gradient of
-    the full mini-batch loss. ``old_logp`` None means on-policy: the forward pass itself
-    provides the sampling policy's log-probs, written into ``fresh`` (logp, entropy).
-    """
-    width = max((len(batch.response_ids[i]) for i in rows), default=1)
-    denom = batch_counts(_token_mask(batch, rows, width))
-    active = _active_rows(batch, rows, advantages, skip)
-    loss_cfg = cfg.loss
-    if loss_cfg.max_len is None:  # a fixed Dr. GRPO normaliser, whatever the packing
-        loss_cfg = dataclasses.replace(loss_cfg, max_len=max(width, 1))
-    sums: dict[str, float] = {}
-    tokens_seen = 0.0
-    for mb in _micro_batches(active, cfg.trainer.micro_batch_size):
-        inputs = collate(
-            [batch.prompt_ids[i] for i in mb], [batch.response_ids[i] for i in mb], pad_id, device
-        )
-        w = inputs["targets"].shape[1]
-        mask = _token_mask(batch, mb, w).to(device)  # [b, T]
-        with _autocast(device):
-            logp, ent = response_logprobs(
-                model,
-                inputs,
-                with_entropy=True,
-                entropy_grad=loss_cfg.entropy_coef > 0,
-                temperature=cfg.rollout.temperature or 1.0,
-            )
-        if logp.dtype in (torch.float16, torch.bfloat16):  # autocast: losses in float32
-            logp, ent = logp.float(), ent.float()  # [b, T]
-        idx = torch.tensor(mb)
-        if old_logp is None:
-            old = logp.detach()
-            if fresh is not None:
-                fresh[0][idx, :w] = old.cpu()
-                fresh[1][idx, :w] = ent.detach().cpu()
-        else:
-            old = old_logp[idx, :w].to(device)
-        ref = ref_logp[idx, :w].to(device) if ref_logp is not None else None
-        adv_tok = broadcast_to_tokens(advantages[idx].to(device, logp.dtype), mask)  # [b, T]
-        loss, metrics = compute_policy_loss(
-            logp,
-            old,
-            adv_tok,
-            mask,
-            config=loss_cfg,
-            ref_logp=ref,
-            entropy=ent,
-            denominator=denom,
-            generator=generator,
-        )
-        if loss.requires_grad:
-            loss.backward()
-        n_tok = float(mask.sum())
-        tokens_seen += n_tok
-        for k, v in metrics.items():
-            if k in ("loss", "pg_loss", "num_tokens", "cov_tokens"):
-                sums[k] = sums.get(k, 0.0) + v  # partial sums over the global denominator
-            else:
-                sums[k] = sums.get(k, 0.0) + v * n_tok  # token-weighted means
-    out = {
-        k: (v if k in ("loss", "pg_loss", "num_tokens", "cov_tokens") else v / tokens_seen)
-        for k, v in sums.items()
-        if tokens_seen > 0 or k in ("loss", "pg_loss")
-    }
-    out.setdefault("loss", 0.0)
-    out.setdefault("pg_loss", 0.0)
-    return out, len(active)
-
-
-def update_policy(
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    batch: Batch,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    pad_id: int,
-    cfg: TrainConfig,
-    device: torch.device,
-    step: int,
-) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
-    """PPO epochs over mini-batches of groups; returns metrics (and on-policy log-probs).
-
-    When ``old_logp`` is None (one epoch, one mini-batch) the update's forward pass gives
-    the sampling policy's log-probs and entropies, returned for the metrics; rows the
-    update skips get them from a forward pass without gradient when
-    ``trainer.full_batch_metrics`` asks for them (and stay 0 otherwise).
-    """
-    tr = cfg.trainer
-    b = len(batch)
-    width = max((len(r) for r in batch.response_ids), default=1)
-    group_list = torch.unique(batch.group_ids).tolist()
-    gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + step)
-    skip = skip_is_exact(cfg)
-    fresh = None
-    if old_logp is None:
-        fresh = (torch.zeros(b, width), torch.zeros(b, width))
-        if tr.full_batch_metrics:
-            updated = set(_active_rows(batch, range(b), advantages, skip))
-            rest = [i for i in range(b) if i not in updated]
-            if rest:  # before the step: these are the sampling policy's numbers
-                lp, en = batch_logprobs(model, batch, rest, pad_id, cfg, device)
-                idx = torch.tensor(rest)
-                fresh[0][idx, : lp.shape[1]] = lp
-                fresh[1][idx, : en.shape[1]] = en
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    grad_norms: list[float] = []
-    rows_run = 0
-    rows_total = 0
-    for _epoch in range(tr.ppo_epochs):
-        order = torch.randperm(len(group_list), generator=gen).tolist()
-        if tr.ppo_epochs * tr.mini_batches == 1:
-            order = list(range(len(group_list)))
-        for split in np.array_split(np.array(order, dtype=np.int64), tr.mini_batches):
-            chosen = {group_list[i] for i in split.tolist()}
-            rows = [i for i in range(b) if int(batch.group_ids[i]) in chosen]
-            if not rows:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            metrics, n_run = accumulate_gradients(
-                model,
-                batch,
-                rows,
-                advantages,
-                old_logp,
-                ref_logp,
-                pad_id,
-                cfg,
-                device,
-                gen,
-                skip=skip,
-                fresh=fresh,
-            )
-            rows_run += n_run
-            rows_total += len(rows)
-            n_tok = metrics.get("num_tokens", 0.0)
-            for k, v in metrics.items():
-                w = 1.0 if k in ("loss", "pg_loss", "num_tokens", "cov_tokens") else n_tok
-                totals[k] = totals.get(k, 0.0) + v * w
-                weights[k] = weights.get(k, 0.0) + w
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.optim.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            grad_norms.append(float(norm) if params else 0.0)
-            optimizer.step()
-            scheduler.step()
-    out = {f"train/{k}": totals[k] / weights[k] for k in totals if weights[k] > 0}
-    out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-    out["train/lr"] = scheduler.get_last_lr()[0]
-    out["train/optimizer_steps"] = len(grad_norms)
-    out["update/skip_active"] = float(skip)
-    out["update/rows_skipped"] = float(rows_total - rows_run)
-    out["update/rows_skipped_frac"] = (rows_total - rows_run) / rows_total if rows_total else 0.0
-    if fresh is None:
-        return out, None, None
-    return out, fresh[0], fresh[1]
-
-
-# --------------------------------------------------------------------------------------
 # Validation
 
 
@@ -653,79 +381,6 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
         out[f"val/mean@n_d{lvl}"] = float(correct[rows].mean())
     out["val/response_len"] = float(batch.response_lengths().float().mean())
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Diagnostics
-
-
-@dataclass
-class RunHistory:
-    """Per-run series the diagnostics need across steps (saved in checkpoints)."""
-
-    prev_entropy: float | None = None
-    predicted: list[float] = field(default_factory=list)  # -Cov(logp, A) at step t
-    measured: list[float] = field(default_factory=list)  # H(t+1) - H(t)
-    lengths: list[float] = field(default_factory=list)
-    pending: float | None = None  # prediction of the last step, awaiting its measurement
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-@torch.no_grad()
-def token_level_views(
-    model: Any, batch: Batch, advantages: torch.Tensor, pad_id: int, cfg: TrainConfig, device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Token views from a forward pass without gradient over the whole batch.
-
-    The gradient norm of a token's loss w.r.t. its logits is, on-policy and unclipped,
-    ``|A| * ||onehot(y) - pi||_2 = |A| * sqrt(1 - 2 pi_y + sum_v pi_v^2)``.
-
-    Returns the views (:func:`qae.diagnostics.token_views`), ``entropy [B, T]``, ``mask``.
-    """
-    b = len(batch)
-    width = max((len(r) for r in batch.response_ids), default=1)
-    entropy = torch.zeros(b, width)
-    gnorm = torch.zeros(b, width)
-    for start in range(0, b, cfg.trainer.micro_batch_size):
-        mb = list(range(start, min(b, start + cfg.trainer.micro_batch_size)))
-        inputs = collate(
-            [batch.prompt_ids[i] for i in mb], [batch.response_ids[i] for i in mb], pad_id, device
-        )
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        ).logits
-        pos = inputs["positions"]
-        picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float()
-        picked = picked / (cfg.rollout.temperature or 1.0)  # [b, T, V]
-        w = pos.shape[1]
-        m = inputs["response_mask"].cpu()  # [b, T]
-        flat = picked.reshape(-1, picked.shape[-1])  # [b*T, V]
-        tgt = inputs["targets"].reshape(-1)
-        ent = torch.empty(flat.shape[0])
-        p_y = torch.empty(flat.shape[0])
-        sq = torch.empty(flat.shape[0])
-        rows = max(1, (1 << 22) // flat.shape[-1])  # bounds the softmax held at once
-        for a in range(0, flat.shape[0], rows):
-            log_pi = torch.log_softmax(flat[a : a + rows], dim=-1)  # [rows, V]
-            ent[a : a + rows] = -(log_pi.exp() * log_pi).sum(-1).cpu()
-            p_y[a : a + rows] = log_pi.gather(-1, tgt[a : a + rows, None]).squeeze(-1).exp().cpu()
-            sq[a : a + rows] = torch.logsumexp(2 * log_pi, dim=-1).exp().cpu()  # sum pi^2
-        ent, p_y, sq = (x.view(len(mb), w) for x in (ent, p_y, sq))
-        idx = torch.tensor(mb)
-        entropy[idx, :w] = ent.cpu() * m
-        gnorm[idx, :w] = (1 - 2 * p_y + sq).clamp_min(0).sqrt().cpu() * m
-    mask = torch.zeros(b, width)
-    for i, resp in enumerate(batch.response_ids):
-        mask[i, : len(resp)] = 1.0
-    adv_tok = broadcast_to_tokens(advantages.float(), mask)
-    views = token_views(entropy, adv_tok, mask, gnorm * adv_tok.abs())
-    return views, entropy, mask
 
 
 # --------------------------------------------------------------------------------------
@@ -886,46 +541,6 @@ def train(
     return TrainResult(run_dir, cfg.trainer.steps, val_before, val_after, last)
 
 
-def _attribution(
-    metrics: dict[str, float],
-    history: RunHistory,
-    batch: Batch,
-    adv: torch.Tensor,
-    old_logp: torch.Tensor,
-    adv_tok: torch.Tensor,
-    mask: torch.Tensor,
-    k: float | torch.Tensor,
-    cfg: TrainConfig,
-) -> None:
-    """Covariance parts by sign and regime, measured entropy change, tracking, volatility."""
-    by_sign = covariance_parts(old_logp, adv_tok, mask, sign_token_masks(adv_tok, mask))
-    regimes = group_regimes(
-        batch.rewards, batch.group_ids, k=k, quantile_method=cfg.algo.quantile_method
-    )
-    by_regime = covariance_parts(old_logp, adv_tok, mask, regime_token_masks(regimes, mask))
-    metrics["entropy/cov_total"] = by_sign["total"]
-    for name in ("pos", "neg", "zero"):
-        metrics[f"entropy/cov_{name}"] = by_sign[name]
-    for name in ("hard", "easy", "other"):
-        metrics[f"entropy/cov_{name}"] = by_regime[name]
-    entropy = metrics["actor/entropy"]
-    if history.prev_entropy is not None:
-        change = entropy - history.prev_entropy
-        metrics["entropy/measured_change"] = change
-        if history.pending is not None:
-            history.predicted.append(history.pending)
-            history.measured.append(change)
-    history.prev_entropy = entropy
-    history.pending = -by_sign["total"]  # first order: dH ~ -lr * Cov(logp, A)
-    if len(history.measured) >= 3:
-        track = tracking(history.predicted, history.measured)
-        metrics["entropy/track_corr"] = track["corr"]
-        metrics["entropy/track_sign_agreement"] = track["sign_agreement"]
-    history.lengths.append(metrics["response/len_mean"])
-    history.lengths = history.lengths[-20:]
-    metrics["response/len_volatility"] = length_volatility(history.lengths, 20)
-
-
 def train_step(
     step: int,
     model: Any,
@@ -1000,15 +615,15 @@ def train_step(
     # Rows whose numbers anything needs: the updated ones, or all for full-batch metrics.
     scored = rows
     if skip and not cfg.trainer.full_batch_metrics:
-        scored = _active_rows(batch, rows, adv, skip)
+        scored = active_rows(batch, rows, adv, skip)
     old_logp = old_ent = None
     if not on_policy:
-        old_logp, old_ent = _scatter_rows(
+        old_logp, old_ent = scatter_rows(
             batch_logprobs(model, batch, scored, pad_id, cfg, device), scored, b
         )
     ref_logp = None
     if ref_model is not None:
-        ref_logp, _ = _scatter_rows(
+        ref_logp, _ = scatter_rows(
             batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
         )
     t_logp = time.perf_counter() - t0
@@ -1027,8 +642,8 @@ def train_step(
     full_mask = torch.zeros(b, width)  # response tokens whose numbers were computed
     for i in scored:
         full_mask[i, : int(lengths[i])] = 1.0
-    mask = _token_mask(batch, rows, width) * full_mask  # ... that take part in the loss
-    updated = _active_rows(batch, rows, adv, skip)
+    mask = token_mask(batch, rows, width) * full_mask  # ... that take part in the loss
+    updated = active_rows(batch, rows, adv, skip)
     metrics["update/tokens_skipped"] = float(lengths.sum()) - sum(
         len(batch.response_ids[i]) for i in updated
     )
@@ -1047,7 +662,7 @@ def train_step(
     metrics["time/logprob"] = t_logp
     metrics["time/train"] = t_train
     if history is not None:
-        _attribution(metrics, history, batch, adv, old_logp, adv_tok, mask, k, cfg)
+        attribution_metrics(metrics, history, batch, adv, old_logp, adv_tok, mask, k, cfg)
     step_time = time.perf_counter() - t_start
     metrics["time/step"] = step_time
     metrics["perf/tokens_per_s"] = float(lengths.sum()) / step_time
