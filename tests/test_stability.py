@@ -214,11 +214,11 @@ def test_sampling_entropy_is_preferred_and_reward_is_judged() -> None:
     """``rollout/entropy`` (every step) wins over ``actor/entropy`` (update steps only)."""
     run = _run("stable", _config("grpo", 1e-3))  # actor/entropy: stable
     run.series["rollout/entropy"] = (np.array(STEPS), np.array(SHAPES["collapsed"]))
-    acc = [0.4] * 5 + [0.1] * 25  # below 0.2 from step 6 on
+    acc = [0.4] * 5 + [0.1] * 25  # the 10-step mean is first below 0.2 from step 3 on
     run.series["rollout/accuracy_all"] = (np.array(STEPS), np.array(acc))
     rec = run_stability(run)
     assert (rec.entropy_key, rec.verdict, rec.verdict_step) == ("rollout/entropy", "collapsed", 11)
-    assert (rec.reward, rec.reward_step) == ("collapsed", 6)
+    assert (rec.reward, rec.reward_step) == ("collapsed", 3)
     del run.series["rollout/entropy"]
     run.series["rollout/accuracy_all"] = (np.array(STEPS), np.array([0.4] * 30))
     rec = run_stability(run)

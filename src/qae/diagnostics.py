@@ -250,14 +250,18 @@ def reward_verdict(
 ) -> dict[str, float | str]:
     """Reward-collapse verdict from a run's per-step training accuracy.
 
-    A run's reward ``collapsed`` when its accuracy stays below ``collapse_ratio *
-    initial`` for ``window`` consecutive steps, else it ``held``. ``initial`` defaults to
-    the first value. This catches the failure the entropy verdict can miss: a policy that
-    drifts to confident wrong answers, whose groups are then all wrong and (under dynamic
-    sampling) train on nothing.
+    A run's reward ``collapsed`` when the mean accuracy over some ``window`` consecutive
+    steps falls below ``collapse_ratio * initial``, else it ``held``. ``initial`` defaults
+    to the first value (the start checkpoint's accuracy, before any update). A window mean,
+    not a run of single steps, because one step's accuracy is a binomial sample of a few
+    hundred responses: single steps cross the threshold by chance, a window mean rarely
+    does. This catches the failure the entropy verdict can miss: a policy that drifts to
+    confident wrong answers, whose groups are then all wrong and (under dynamic sampling)
+    train on nothing.
 
-    Returns ``{"verdict": "held" | "collapsed", "step": index where the sustained window
-    began (-1 when held), "initial": ..., "min_ratio": ...}``.
+    Returns ``{"verdict": "held" | "collapsed", "step": index where the first such window
+    began (-1 when held), "initial": ..., "min_ratio": lowest window mean / initial (the
+    lowest single value / initial when the series is shorter than a window)}``.
     """
     values = [float(x) for x in accuracy]
     if window < 1:
@@ -267,12 +271,15 @@ def reward_verdict(
     a0 = values[0] if initial is None else float(initial)
     if not a0 > 0:
         raise ValueError(f"initial accuracy must be > 0, got {a0}")
-    ratios = [v / a0 for v in values]
-    run = 0
-    verdict, start = "held", -1
-    for i, r in enumerate(ratios):
-        run = run + 1 if r < collapse_ratio else 0
-        if run >= window:
-            verdict, start = "collapsed", i - window + 1
-            break
-    return {"verdict": verdict, "step": float(start), "initial": a0, "min_ratio": min(ratios)}
+    x = torch.tensor(values, dtype=torch.float64)
+    if len(values) < window:
+        return {"verdict": "held", "step": -1.0, "initial": a0, "min_ratio": float(x.min()) / a0}
+    means = x.unfold(0, window, 1).mean(dim=1) / a0  # [N - window + 1]
+    below = (means < collapse_ratio).nonzero().flatten()
+    start = int(below[0]) if below.numel() else -1
+    return {
+        "verdict": "collapsed" if start >= 0 else "held",
+        "step": float(start),
+        "initial": a0,
+        "min_ratio": float(means.min()),
+    }

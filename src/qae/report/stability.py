@@ -388,8 +388,8 @@ def plot_stability_map(
         "Stability map: seeds stable / seeds, seeds whose reward held, final held-out "
         "pass@1 (mean \u00b1 std)\n"
         f"unstable = entropy < {COLLAPSE_RATIO:g}x or > {EXPLOSION_RATIO:g}x its first value "
-        f"for {VERDICT_WINDOW} consecutive steps; reward lost = training accuracy < "
-        f"{REWARD_COLLAPSE_RATIO:g}x its first value as long",
+        f"for {VERDICT_WINDOW} consecutive steps; reward lost = training accuracy averaged "
+        f"over {VERDICT_WINDOW} steps < {REWARD_COLLAPSE_RATIO:g}x its first value",
         fontsize=10,
     )
     fig.tight_layout()
