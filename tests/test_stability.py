@@ -20,6 +20,7 @@ from qae.report.runs import RunData, load_run
 from qae.report.stability import (
     RunStability,
     build_stability,
+    collapse_table,
     estimator_label,
     peak_table,
     run_stability,
@@ -156,6 +157,10 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
         "| dapo-mean | 4/4 stable \u00b7 0.450 \u00b1 0.129 | "
         "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 | none |"
     )  # no training accuracy logged: no reward verdict, so "both" holds nowhere
+    collapses = collapse_table(result.cells).splitlines()
+    # dapo-mean at 1e-2, seeds 0..3: collapsed at 11, exploded at 6, stable, collapsed at 11
+    assert collapses[2] == "| dapo-mean | -, -, -, - | 11, 6, -, 11 |"
+    assert collapse_table(result.cells) in result.table
     peaks = peak_table(result.cells).splitlines()
     assert peaks[0] == "| estimator | lr 0.0001 | lr 0.01 |"
     # dapo-mean at 1e-4: bests max(0.55, final) = 0.55, 0.55, 0.6 (step 30), 0.55

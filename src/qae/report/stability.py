@@ -41,6 +41,7 @@ __all__ = [
     "StabilityCell",
     "StabilityResult",
     "build_stability",
+    "collapse_table",
     "estimator_label",
     "peak_table",
     "plot_entropy_grid",
@@ -198,6 +199,9 @@ class StabilityCell:
     best_mean: float
     best_std: float
     best_step_mean: float
+    verdict_steps: list[int] = field(default_factory=list)
+    """Per seed (in ``seeds`` order), the step where the entropy left its band for good
+    (the verdict's window start); -1 for a stable seed."""
 
     @property
     def n(self) -> int:
@@ -243,6 +247,7 @@ def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
                     best_mean=bm,
                     best_std=bs,
                     best_step_mean=float(np.mean(peaks)) if peaks else math.nan,
+                    verdict_steps=[r.verdict_step for r in rs],
                 )
             )
     return out
@@ -340,6 +345,28 @@ def peak_table(cells: Sequence[StabilityCell]) -> str:
                 else ""
             )
             row.append(_pm(c.best_mean, c.best_std) + peak)
+        lines.append(f"| {est} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def collapse_table(cells: Sequence[StabilityCell]) -> str:
+    """Markdown, same layout as :func:`stability_table`: per cell, the step at which each
+    seed's entropy verdict fired (``-`` for a stable seed), in seed order. How long a
+    baseline holds out at a learning rate where every baseline eventually fails."""
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    by = {(c.estimator, c.lr): c for c in cells}
+    lines = [
+        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for est in ests:
+        row = []
+        for lr in lrs:
+            c = by.get((est, lr))
+            row.append(
+                "-" if c is None else ", ".join("-" if v < 0 else str(v) for v in c.verdict_steps)
+            )
         lines.append(f"| {est} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -499,7 +526,9 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
     table = (
         stability_table(cells)
         + "\nBest held-out pass@1 and where it peaked:\n\n"
-        + (peak_table(cells))
+        + peak_table(cells)
+        + "\nStep at which each seed's entropy verdict fired (- stable), seeds in order:\n\n"
+        + collapse_table(cells)
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
