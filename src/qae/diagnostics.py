@@ -188,6 +188,21 @@ EXPLOSION_RATIO = 2.0
 VERDICT_WINDOW = 10
 
 
+def _series(
+    series: Sequence[float], initial: float | None, window: int, what: str
+) -> tuple[list[float], float]:
+    """The values as floats and the reference value (``initial``, else the first), checked."""
+    values = [float(x) for x in series]
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not values:
+        raise ValueError(f"{what} is empty")
+    ref = values[0] if initial is None else float(initial)
+    if not ref > 0:
+        raise ValueError(f"initial {what} must be > 0, got {ref}")
+    return values, ref
+
+
 def entropy_verdict(
     entropy: Sequence[float],
     *,
@@ -206,14 +221,7 @@ def entropy_verdict(
     Returns ``{"verdict": ..., "step": index where the sustained window began (-1 when
     stable), "initial": ..., "min_ratio": ..., "max_ratio": ...}``.
     """
-    values = [float(x) for x in entropy]
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if not values:
-        raise ValueError("entropy is empty")
-    h0 = values[0] if initial is None else float(initial)
-    if not h0 > 0:
-        raise ValueError(f"initial entropy must be > 0, got {h0}")
+    values, h0 = _series(entropy, initial, window, "entropy")
     ratios = [v / h0 for v in values]
     low_run = high_run = 0
     for i, r in enumerate(ratios):
@@ -263,14 +271,7 @@ def reward_verdict(
     began (-1 when held), "initial": ..., "min_ratio": lowest window mean / initial (the
     lowest single value / initial when the series is shorter than a window)}``.
     """
-    values = [float(x) for x in accuracy]
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if not values:
-        raise ValueError("accuracy is empty")
-    a0 = values[0] if initial is None else float(initial)
-    if not a0 > 0:
-        raise ValueError(f"initial accuracy must be > 0, got {a0}")
+    values, a0 = _series(accuracy, initial, window, "accuracy")
     x = torch.tensor(values, dtype=torch.float64)
     if len(values) < window:
         return {"verdict": "held", "step": -1.0, "initial": a0, "min_ratio": float(x.min()) / a0}

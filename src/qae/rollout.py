@@ -23,6 +23,7 @@ __all__ = [
     "Batch",
     "collate",
     "concat_batches",
+    "encode_prompts",
     "generate_batch",
     "response_logprobs",
 ]
@@ -219,6 +220,22 @@ def response_logprobs(
     return logp, entropy
 
 
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[Any], group_size: int
+) -> list[list[int]]:
+    """Token ids of each prompt as given (no special tokens added), after the checks every
+    generation backend makes: ``group_size >= 1``, one answer per prompt, no empty prompt."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if len(prompts) != len(answers):
+        raise ValueError(f"prompts has {len(prompts)} items but answers has {len(answers)}")
+    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
+    return encoded
+
+
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -241,17 +258,10 @@ def generate_batch(
     With ``measure_entropy`` each response's summed sampling entropy is recorded in
     ``Batch.sample_entropy`` (one softmax over the vocabulary per generated token).
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if len(prompts) != len(answers):
-        raise ValueError(f"prompts has {len(prompts)} items but answers has {len(answers)}")
+    encoded = encode_prompts(tokenizer, prompts, answers, group_size)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
     prompt_rows: list[list[int]] = []
     response_rows: list[list[int]] = []
     truncated: list[bool] = []

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qae.rollout import Batch
+from qae.rollout import Batch, encode_prompts
 
 if TYPE_CHECKING:
     from qae.config import TrainConfig
@@ -268,14 +268,7 @@ class VLLMRollout:
     ) -> Batch:
         """Sample ``group_size`` responses for each prompt; the same contract as
         :func:`qae.rollout.generate_batch` (temperature 0 is greedy)."""
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if len(prompts) != len(answers):
-            raise ValueError(f"prompts has {len(prompts)} items but answers has {len(answers)}")
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
+        encoded = encode_prompts(self.tokenizer, prompts, answers, group_size)
         greedy = temperature == 0
         # Greedy samples of one prompt are identical: draw one and repeat it.
         params = self._sampling_params(

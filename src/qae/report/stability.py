@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,94 +281,70 @@ def _limit(cells: Sequence[StabilityCell], est: str, by: str) -> str:
     return "none" if limit is None else f"{limit:g}"
 
 
+def _grid_table(
+    cells: Sequence[StabilityCell],
+    cell_text: Callable[[StabilityCell], str],
+    extra: Sequence[tuple[str, Callable[[str], str]]] = (),
+) -> str:
+    """Markdown, one row per estimator and one column per lr (``-`` for a missing cell),
+    then one column per ``extra`` (header, estimator -> text)."""
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    lrs = sorted({c.lr for c in cells})
+    by = {(c.estimator, c.lr): c for c in cells}
+    heads = [f"lr {lr:g}" for lr in lrs] + [h for h, _ in extra]
+    lines = ["| estimator | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for est in ests:
+        row = [cell_text(by[(est, lr)]) if (est, lr) in by else "-" for lr in lrs]
+        row += [fn(est) for _, fn in extra]
+        lines.append(f"| {est} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _stability_text(c: StabilityCell) -> str:
+    bad = []
+    if c.n_collapsed:
+        bad.append(f"{c.n_collapsed} collapsed")
+    if c.n_exploded:
+        bad.append(f"{c.n_exploded} exploded")
+    how = f" ({', '.join(bad)})" if bad else ""
+    held = f"reward {c.n_reward_held}/{c.n_reward_judged} held \u00b7 " if c.n_reward_judged else ""
+    return f"{c.n_stable}/{c.n} stable{how} \u00b7 {held}{_pm(c.final_mean, c.final_std)}"
+
+
 def stability_table(cells: Sequence[StabilityCell]) -> str:
     """Markdown: one row per estimator, one column per lr; a cell reads
     ``stable/seeds (C collapsed, E exploded) · reward held/seeds · final pass@1 mean ±
     std``; the last two columns give the largest lr up to which every seed was stable by
     entropy, and by entropy and reward together."""
-    ests = list(dict.fromkeys(c.estimator for c in cells))
-    lrs = sorted({c.lr for c in cells})
-    by = {(c.estimator, c.lr): c for c in cells}
-    lines = [
-        "| estimator | "
-        + " | ".join(f"lr {lr:g}" for lr in lrs)
-        + " | stable up to (entropy) | stable up to (entropy and reward) |",
-        "|---|" + "---|" * len(lrs) + "---|---|",
-    ]
-    for est in ests:
-        row = []
-        for lr in lrs:
-            c = by.get((est, lr))
-            if c is None:
-                row.append("-")
-                continue
-            bad = []
-            if c.n_collapsed:
-                bad.append(f"{c.n_collapsed} collapsed")
-            if c.n_exploded:
-                bad.append(f"{c.n_exploded} exploded")
-            how = f" ({', '.join(bad)})" if bad else ""
-            held = f"reward {c.n_reward_held}/{c.n_reward_judged} held \u00b7 "
-            row.append(
-                f"{c.n_stable}/{c.n} stable{how} \u00b7 "
-                + (held if c.n_reward_judged else "")
-                + _pm(c.final_mean, c.final_std)
-            )
-        lines.append(
-            f"| {est} | " + " | ".join(row)
-            + f" | {_limit(cells, est, 'entropy')} | {_limit(cells, est, 'both')} |"
-        )  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return _grid_table(
+        cells,
+        _stability_text,
+        [
+            ("stable up to (entropy)", lambda est: _limit(cells, est, "entropy")),
+            ("stable up to (entropy and reward)", lambda est: _limit(cells, est, "both")),
+        ],
+    )
+
+
+def _peak_text(c: StabilityCell) -> str:
+    peak = f" \u00b7 peak at step {c.best_step_mean:.0f}" if math.isfinite(c.best_step_mean) else ""
+    return _pm(c.best_mean, c.best_std) + peak
 
 
 def peak_table(cells: Sequence[StabilityCell]) -> str:
     """Markdown, same layout as :func:`stability_table`: a cell reads ``best held-out
     pass@1 mean ± std · peak at step S`` (S: mean over seeds of the first step reaching
     each seed's best)."""
-    ests = list(dict.fromkeys(c.estimator for c in cells))
-    lrs = sorted({c.lr for c in cells})
-    by = {(c.estimator, c.lr): c for c in cells}
-    lines = [
-        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for est in ests:
-        row = []
-        for lr in lrs:
-            c = by.get((est, lr))
-            if c is None:
-                row.append("-")
-                continue
-            peak = (
-                f" \u00b7 peak at step {c.best_step_mean:.0f}"
-                if math.isfinite(c.best_step_mean)
-                else ""
-            )
-            row.append(_pm(c.best_mean, c.best_std) + peak)
-        lines.append(f"| {est} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return _grid_table(cells, _peak_text)
 
 
 def collapse_table(cells: Sequence[StabilityCell]) -> str:
     """Markdown, same layout as :func:`stability_table`: per cell, the step at which each
     seed's entropy verdict fired (``-`` for a stable seed), in seed order. How long a
     baseline holds out at a learning rate where every baseline eventually fails."""
-    ests = list(dict.fromkeys(c.estimator for c in cells))
-    lrs = sorted({c.lr for c in cells})
-    by = {(c.estimator, c.lr): c for c in cells}
-    lines = [
-        "| estimator | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for est in ests:
-        row = []
-        for lr in lrs:
-            c = by.get((est, lr))
-            row.append(
-                "-" if c is None else ", ".join("-" if v < 0 else str(v) for v in c.verdict_steps)
-            )
-        lines.append(f"| {est} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return _grid_table(
+        cells, lambda c: ", ".join("-" if v < 0 else str(v) for v in c.verdict_steps)
+    )
 
 
 def _mpl():
