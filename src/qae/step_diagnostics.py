@@ -8,7 +8,9 @@ The math lives in :mod:`qae.diagnostics`; this module runs the model for it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from qae.advantages import broadcast_to_tokens, group_regimes
 from qae.config import TrainConfig
 from qae.diagnostics import (
     covariance_parts,
+    entropy_histogram,
     length_volatility,
     regime_token_masks,
     sign_token_masks,
@@ -24,8 +27,9 @@ from qae.diagnostics import (
     tracking,
 )
 from qae.rollout import Batch, collate
+from qae.runlog import atomic_write_text
 
-__all__ = ["RunHistory", "attribution_metrics", "token_level_views"]
+__all__ = ["RunHistory", "attribution_metrics", "token_diagnostics", "token_level_views"]
 
 
 @dataclass
@@ -135,3 +139,24 @@ def attribution_metrics(
     history.lengths.append(metrics["response/len_mean"])
     history.lengths = history.lengths[-20:]
     metrics["response/len_volatility"] = length_volatility(history.lengths, 20)
+
+
+def token_diagnostics(
+    model: Any,
+    batch: Batch,
+    advantages: torch.Tensor,
+    pad_id: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    step: int,
+    run_dir: Path | None = None,
+) -> dict[str, float]:
+    """The ``tokens/*`` views of a step (:func:`token_level_views`); with ``run_dir``, the
+    step's token-entropy histogram is written to ``entropy_hist/step_<step>.json``."""
+    views, ent_tok, ent_mask = token_level_views(model, batch, advantages, pad_id, cfg, device)
+    if run_dir is not None:
+        hist = entropy_histogram(ent_tok, ent_mask, bins=20)
+        atomic_write_text(
+            Path(run_dir) / "entropy_hist" / f"step_{step:06d}.json", json.dumps(hist) + "\n"
+        )
+    return {f"tokens/{name}": v for name, v in views.items()}

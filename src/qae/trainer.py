@@ -19,7 +19,6 @@ Where this loop departs from the paper's DAPO recipe (verl):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -40,15 +39,12 @@ from qae.advantages import (
 from qae.config import BUILTIN, TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.data import PromptRecord
-from qae.diagnostics import (
-    entropy_histogram,
-)
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
 from qae.rollout import Batch, concat_batches, generate_batch
-from qae.runlog import Checkpointer, MetricsLogger, atomic_write_text
-from qae.step_diagnostics import RunHistory, attribution_metrics, token_level_views
+from qae.runlog import Checkpointer, MetricsLogger
+from qae.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
 from qae.update import (
     active_rows,
     batch_logprobs,
@@ -398,6 +394,59 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load a checkpoint's safetensors shards into ``model`` (tied weights may be absent)."""
+    from safetensors.torch import load_file
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for w in sorted(folder.glob("*.safetensors")):
+        state_dict.update(load_file(str(w)))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def _state_dict(
+    optimizer: Any, scheduler: Any, data: TaskData, kctrl: KController, history: RunHistory
+) -> dict[str, Any]:
+    """Everything besides the weights that a resumed run needs to continue exactly."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "consumed": data.train.consumed,
+        "kcontrol": kctrl.state_dict(),
+        "history": history.state_dict(),
+    }
+
+
+def _restore_state(
+    state: dict[str, Any],
+    optimizer: Any,
+    scheduler: Any,
+    data: TaskData,
+    kctrl: KController,
+    history: RunHistory,
+) -> None:
+    """The inverse of :func:`_state_dict`."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    data.train.consumed = int(state["consumed"])
+    kctrl.load_state_dict(state["kcontrol"])
+    history.load_state_dict(state["history"])
+
+
+def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's fields (see the quickstart's table)."""
+    return {
+        "reward": f"{metrics.get('reward/mean', 0):.2f}",
+        "acc": f"{metrics.get('rollout/accuracy_all', 0):.2f}",
+        "ent": f"{metrics.get('actor/entropy', 0):.3f}",
+        "zero_adv": f"{metrics.get('adv/frac_zero_adv', 0):.2f}",
+    }
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -413,6 +462,11 @@ def train(
             f"log.out={str(run_dir)!r} already holds a run; pass --resume to continue it "
             f"or choose another directory"
         )
+    if cfg.rollout.group_size < 2 and cfg.algo.estimator in ("qae", "grpo", "drgrpo", "rloo"):
+        raise ValueError(
+            f"rollout.group_size={cfg.rollout.group_size}: the {cfg.algo.estimator!r} "
+            f"estimator compares responses within a group and needs G >= 2"
+        )
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
@@ -420,13 +474,7 @@ def train(
 
     model, tokenizer = load_policy(cfg.model.path, device, cfg.model.dtype)
     if latest is not None:
-        from safetensors.torch import load_file
-
-        weights = sorted((latest / "model").glob("*.safetensors"))
-        state_dict: dict[str, torch.Tensor] = {}
-        for w in weights:
-            state_dict.update(load_file(str(w)))
-        model.load_state_dict(state_dict, strict=False)
+        _load_weights(model, latest / "model")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     engine = None
@@ -435,11 +483,6 @@ def train(
 
         engine = VLLMRollout.from_config(cfg, tokenizer, device)
     data = load_task_data(cfg, tokenizer)
-    if cfg.rollout.group_size < 2 and cfg.algo.estimator in ("qae", "grpo", "drgrpo", "rloo"):
-        raise ValueError(
-            f"rollout.group_size={cfg.rollout.group_size}: the {cfg.algo.estimator!r} "
-            f"estimator compares responses within a group and needs G >= 2"
-        )
     ref_model = None
     if cfg.loss.kl_coef > 0:
         ref_model, _ = load_policy(cfg.model.path, device, cfg.model.dtype)
@@ -453,15 +496,9 @@ def train(
     val_before: dict[str, float] = {}
     if latest is not None:
         state = Checkpointer.load_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        data.train.consumed = int(state["consumed"])
+        _restore_state(state, optimizer, scheduler, data, kctrl, history)
         start = int(state["step"])
         val_before = dict(state.get("val_before", {}))
-        kctrl.load_state_dict(state["kcontrol"])
-        history.load_state_dict(state["history"])
     save_yaml_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
         run_dir,
@@ -507,38 +544,93 @@ def train(
             logger.log(step, last)
             every = cfg.log.checkpoint_every
             if step == cfg.trainer.steps or (every and step % every == 0):
-                ckpt.save(
-                    step,
-                    model,
-                    tokenizer,
-                    {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "python_rng": random.getstate(),
-                        "consumed": data.train.consumed,
-                        "val_before": val_before,
-                        "kcontrol": kctrl.state_dict(),
-                        "history": history.state_dict(),
-                    },
-                )
+                state = _state_dict(optimizer, scheduler, data, kctrl, history)
+                ckpt.save(step, model, tokenizer, {"step": step, "val_before": val_before, **state})
             if on_step is not None:
                 on_step(step, last)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(
-                    reward=f"{last.get('reward/mean', 0):.2f}",
-                    acc=f"{last.get('rollout/accuracy_all', 0):.2f}",
-                    ent=f"{last.get('actor/entropy', 0):.3f}",
-                    zero_adv=f"{last.get('adv/frac_zero_adv', 0):.2f}",
-                )
+                progress.set_postfix(_progress_fields(last))
     finally:
         if progress is not None:
             progress.close()
         logger.close()
     val_after = {k: v for k, v in last.items() if k.startswith("val/")}
     return TrainResult(run_dir, cfg.trainer.steps, val_before, val_after, last)
+
+
+def step_advantages(
+    batch: Batch, kctrl: KController, cfg: TrainConfig
+) -> tuple[torch.Tensor, float | torch.Tensor, dict[str, float]]:
+    """``(advantages [B], k, metrics)`` of a step's batch: the registered estimator at the
+    K the controller gives (a float, or one per response), and the ``adv/*`` metrics."""
+    a = cfg.algo
+    k = kctrl.batch_k(batch.rewards, batch.group_ids)
+    adv = compute_advantages(
+        batch.rewards,
+        batch.group_ids,
+        a.estimator,
+        k=k,
+        quantile_method=a.quantile_method,
+        scale=a.scale or None,
+        eps=a.eps,
+        singleton=a.singleton,
+        nan="unscorable",
+        keep=a.keep,
+    )
+    stats = advantage_stats(
+        adv,
+        batch.rewards,
+        batch.group_ids,
+        k=k,
+        quantile_method=a.quantile_method,
+        nan="unscorable",
+    )
+    metrics = {f"adv/{name}": v for name, v in stats.items()}
+    metrics["adv/k"] = float(k.mean()) if isinstance(k, torch.Tensor) else float(k)
+    metrics["adv/abs_mean"] = float(adv.abs().mean())
+    return adv, k, metrics
+
+
+def _sampling_logprobs(
+    model: Any,
+    ref_model: Any,
+    batch: Batch,
+    scored: Sequence[int],
+    pad_id: int,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(old_logp, old_entropy, ref_logp)``, each ``[B, T]`` or None: the sampling
+    policy's numbers for the ``scored`` rows, computed before the update only when the
+    update itself cannot provide them (several mini-batches or epochs), and the reference
+    model's for every row when there is one."""
+    b = len(batch)
+    old_logp = old_ent = ref_logp = None
+    if cfg.trainer.ppo_epochs * cfg.trainer.mini_batches != 1:
+        old_logp, old_ent = scatter_rows(
+            batch_logprobs(model, batch, scored, pad_id, cfg, device), scored, b
+        )
+    if ref_model is not None:
+        rows = list(range(b))
+        ref_logp, _ = scatter_rows(
+            batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
+        )
+    return old_logp, old_ent, ref_logp
+
+
+def _batch_metrics(batch: Batch) -> dict[str, float]:
+    """Reward, accuracy and length metrics of the responses the step trained on."""
+    lengths = batch.response_lengths()
+    finite = batch.rewards[~torch.isnan(batch.rewards)]
+    scores = batch.scores[~torch.isnan(batch.scores)]
+    return {
+        "reward/mean": float(finite.mean()) if finite.numel() else 0.0,
+        "reward/accuracy": float(scores.mean()) if scores.numel() else 0.0,
+        "response/len_mean": float(lengths.float().mean()),
+        "response/len_max": float(lengths.max()),
+        "response/truncated": float(batch.truncated.float().mean()),
+    }
 
 
 def train_step(
@@ -571,70 +663,30 @@ def train_step(
         metrics["train/skipped"] = 1
         metrics["time/step"] = time.perf_counter() - t_start
         return metrics
-
-    a = cfg.algo
-    k = kctrl.batch_k(batch.rewards, batch.group_ids)
-    adv = compute_advantages(
-        batch.rewards,
-        batch.group_ids,
-        a.estimator,
-        k=k,
-        quantile_method=a.quantile_method,
-        scale=a.scale or None,
-        eps=a.eps,
-        singleton=a.singleton,
-        nan="unscorable",
-        keep=a.keep,
-    )
-    stats = advantage_stats(
-        adv,
-        batch.rewards,
-        batch.group_ids,
-        k=k,
-        quantile_method=a.quantile_method,
-        nan="unscorable",
-    )
-    metrics.update({f"adv/{name}": v for name, v in stats.items()})
-    metrics["adv/k"] = float(k.mean()) if isinstance(k, torch.Tensor) else float(k)
-    metrics["adv/abs_mean"] = float(adv.abs().mean())
-
+    adv, k, adv_metrics = step_advantages(batch, kctrl, cfg)
+    metrics.update(adv_metrics)
     every = cfg.trainer.diagnostics_every
     if history is not None and every and step % every == 0:
-        views, ent_tok, ent_mask = token_level_views(model, batch, adv, pad_id, cfg, device)
-        metrics.update({f"tokens/{name}": v for name, v in views.items()})
-        if run_dir is not None:
-            hist = entropy_histogram(ent_tok, ent_mask, bins=20)
-            atomic_write_text(
-                run_dir / "entropy_hist" / f"step_{step:06d}.json", json.dumps(hist) + "\n"
-            )
+        metrics.update(token_diagnostics(model, batch, adv, pad_id, cfg, device, step, run_dir))
 
     t0 = time.perf_counter()
     rows = list(range(b))
-    on_policy = cfg.trainer.ppo_epochs * cfg.trainer.mini_batches == 1
     skip = skip_is_exact(cfg)
     # Rows whose numbers anything needs: the updated ones, or all for full-batch metrics.
     scored = rows
     if skip and not cfg.trainer.full_batch_metrics:
         scored = active_rows(batch, rows, adv, skip)
-    old_logp = old_ent = None
-    if not on_policy:
-        old_logp, old_ent = scatter_rows(
-            batch_logprobs(model, batch, scored, pad_id, cfg, device), scored, b
-        )
-    ref_logp = None
-    if ref_model is not None:
-        ref_logp, _ = scatter_rows(
-            batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
-        )
-    t_logp = time.perf_counter() - t0
-
+    old_logp, old_ent, ref_logp = _sampling_logprobs(
+        model, ref_model, batch, scored, pad_id, cfg, device
+    )
+    metrics["time/logprob"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     upd, fresh_logp, fresh_ent = update_policy(
         model, optimizer, scheduler, batch, adv, old_logp, ref_logp, pad_id, cfg, device, step
     )
-    t_train = time.perf_counter() - t0
+    metrics["time/train"] = time.perf_counter() - t0
     metrics.update(upd)
-    if old_logp is None:
+    if old_logp is None:  # one on-policy update: its own forward pass gave them
         old_logp, old_ent = fresh_logp, fresh_ent
 
     width = old_logp.shape[1]
@@ -652,15 +704,7 @@ def train_step(
     metrics["actor/entropy_change_pred"] = (
         float(entropy_change_predictor(old_logp, adv_tok, mask)) if mask.sum() > 0 else 0.0
     )
-    finite = batch.rewards[~torch.isnan(batch.rewards)]
-    metrics["reward/mean"] = float(finite.mean()) if finite.numel() else 0.0
-    scores = batch.scores[~torch.isnan(batch.scores)]
-    metrics["reward/accuracy"] = float(scores.mean()) if scores.numel() else 0.0
-    metrics["response/len_mean"] = float(lengths.float().mean())
-    metrics["response/len_max"] = float(lengths.max())
-    metrics["response/truncated"] = float(batch.truncated.float().mean())
-    metrics["time/logprob"] = t_logp
-    metrics["time/train"] = t_train
+    metrics.update(_batch_metrics(batch))
     if history is not None:
         attribution_metrics(metrics, history, batch, adv, old_logp, adv_tok, mask, k, cfg)
     step_time = time.perf_counter() - t_start
