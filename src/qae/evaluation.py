@@ -24,7 +24,7 @@ import os
 import tempfile
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +314,48 @@ def _check_args(n: int, ks: Sequence[int], temperature: float, top_p: float, bat
         raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
 
 
+def _resume(
+    out: Path | None, config: dict[str, Any], records: Sequence[PromptRecord], n: int
+) -> tuple[list[dict[str, Any]], list[PromptRecord]]:
+    """``(rows already in out's samples file, records still to sample)``: a record is done
+    when all its ``n`` samples are there. Creates ``out``; a different config raises."""
+    rows: list[dict[str, Any]] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(out, config)
+        rows = _read_samples(out / SAMPLES_FILE)
+    done_samples: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for row in rows:
+        done_samples[(row["source"], str(row["problem_id"]))].add(int(row["sample"]))
+    finished = {key for key, got in done_samples.items() if got >= set(range(n))}
+    return rows, [r for r in records if (r.source, r.id) not in finished]
+
+
+@contextlib.contextmanager
+def _generation_mode(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Left padding (with the end token as pad if the tokenizer has none) and eval mode
+    while sampling; both restored afterwards."""
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
+        if was_training:
+            model.train()
+
+
+def _append_rows(sink: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Append JSON lines and make them durable before going on (a kill loses no scored row)."""
+    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -375,70 +417,50 @@ def evaluate(
         "batch_size": batch_size,
     }
     out = Path(out_dir) if out_dir is not None else None
-    rows: list[dict[str, Any]] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, config)
-        rows = _read_samples(out / SAMPLES_FILE)
-    done_samples: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for row in rows:
-        done_samples[(row["source"], str(row["problem_id"]))].add(int(row["sample"]))
-    finished = {key for key, got in done_samples.items() if got >= set(range(n))}
-    pending = [r for r in records if (r.source, r.id) not in finished]
-
+    rows, pending = _resume(out, config, records, n)
     jobs = [(i, s) for i in range(len(pending)) for s in range(n)]  # (problem, sample)
     prompts = {}
     buffers: dict[int, dict[int, str]] = defaultdict(dict)
     sink = (out / SAMPLES_FILE).open("a", encoding="utf-8") if out is not None else None
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    was_training = getattr(model, "training", False)
-    model.eval()
     bar = tqdm(total=len(jobs), desc="eval", unit="sample", disable=not progress)
     try:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            for i, _ in batch:
-                if i not in prompts:
-                    prompts[i] = build_prompt(pending[i], tokenizer, template)
-            first_i, first_s = batch[0]
-            texts = _generate(
-                model,
-                tokenizer,
-                [prompts[i] for i, _ in batch],
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                seed=_batch_seed(seed, pending[first_i], first_s),
-            )
-            for (i, s), text in zip(batch, texts, strict=True):
-                buffers[i][s] = text
-            complete = [i for i in sorted({i for i, _ in batch}) if len(buffers[i]) == n]
-            new_rows = _score_problems(
-                [pending[i] for i in complete],
-                [[buffers[i][s] for s in range(n)] for i in complete],
-                reward_fn,
-                workers=workers,
-                timeout=timeout,
-            )
-            for i in complete:
-                del buffers[i]
-                prompts.pop(i, None)
-            if sink is not None and new_rows:
-                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
-                sink.flush()
-                os.fsync(sink.fileno())
-            rows.extend(new_rows)
-            bar.update(len(batch))
+        with _generation_mode(model, tokenizer):
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start : start + batch_size]
+                for i, _ in batch:
+                    if i not in prompts:
+                        prompts[i] = build_prompt(pending[i], tokenizer, template)
+                first_i, first_s = batch[0]
+                texts = _generate(
+                    model,
+                    tokenizer,
+                    [prompts[i] for i, _ in batch],
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    seed=_batch_seed(seed, pending[first_i], first_s),
+                )
+                for (i, s), text in zip(batch, texts, strict=True):
+                    buffers[i][s] = text
+                complete = [i for i in sorted({i for i, _ in batch}) if len(buffers[i]) == n]
+                new_rows = _score_problems(
+                    [pending[i] for i in complete],
+                    [[buffers[i][s] for s in range(n)] for i in complete],
+                    reward_fn,
+                    workers=workers,
+                    timeout=timeout,
+                )
+                for i in complete:
+                    del buffers[i]
+                    prompts.pop(i, None)
+                if sink is not None and new_rows:
+                    _append_rows(sink, new_rows)
+                rows.extend(new_rows)
+                bar.update(len(batch))
     finally:
         bar.close()
         if sink is not None:
             sink.close()
-        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
-        if was_training:
-            model.train()
 
     wanted = {(r.source, r.id) for r in records}
     kept = [r for r in rows if (r["source"], str(r["problem_id"])) in wanted]
