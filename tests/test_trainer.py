@@ -23,6 +23,7 @@ DETERMINISTIC = [
     "train/loss",
     "train/grad_norm",
     "rollout/generated",
+    "rollout/entropy",
 ]
 
 
@@ -87,6 +88,17 @@ def test_train_writes_metrics_and_changes_parameters(tmp_path):
     assert "entropy/measured_change" in rows[2] and "tokens/entropy_all" in rows[2]
     hists = sorted(p.name for p in (tmp_path / "run" / "entropy_hist").iterdir())
     assert hists == ["step_000002.json", "step_000004.json"]
+    # The sampling entropy covers every generated response; the update's entropy only
+    # the kept ones (same temperature, so both are near each other, never far apart).
+    for r in rows[1:]:
+        assert 0 < r["rollout/entropy"] < 10 and abs(r["rollout/entropy"] - r["actor/entropy"]) < 1
+
+
+def test_sampling_entropy_can_be_switched_off(tmp_path):
+    cfg = tiny_config(tmp_path / "run", **{"rollout.measure_entropy": False, "trainer.steps": 1})
+    train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert "rollout/entropy" not in rows[1] and "actor/entropy" in rows[1]
 
 
 def test_same_seed_same_metrics(tmp_path):

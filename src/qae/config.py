@@ -144,6 +144,13 @@ class RolloutConfig:
     generation_batch_size: int = 512
     """Responses generated per ``generate`` call (memory bound)."""
 
+    measure_entropy: bool = True
+    """Measure the entropy of the sampling distribution at every generated token
+    (``rollout/entropy``, logged on every step, also when dynamic sampling keeps no group):
+    one extra softmax over the vocabulary per token, 5% of ``generate`` on the embedded
+    default and up to 30% for a tiny network with a 152k vocabulary
+    (``benchmarks/bench_rollout_entropy.py``). The ``hf`` backend only."""
+
     backend: str = "hf"
     """Generation engine: ``hf`` (Hugging Face ``generate``, any device) or ``vllm`` (a vLLM
     engine beside the training model on the same CUDA GPU, its weights synced from the

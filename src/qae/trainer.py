@@ -289,6 +289,7 @@ def collect_rollouts(
                 answers,
                 max_new_tokens=data.max_new_tokens,
                 batch_size=r.generation_batch_size,
+                measure_entropy=r.measure_entropy,
                 **sampling,
             )
         t1 = time.perf_counter()
