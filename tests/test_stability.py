@@ -155,8 +155,8 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
     )
     assert table[2] == (
         "| dapo-mean | 4/4 stable \u00b7 0.450 \u00b1 0.129 | "
-        "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 | none |"
-    )  # no training accuracy logged: no reward verdict, so "both" holds nowhere
+        "1/4 stable (2 collapsed, 1 exploded) \u00b7 0.200 \u00b1 0.216 | 0.0001 | 0.0001 |"
+    )  # no training accuracy logged: no reward verdict, "both" is the entropy limit
     collapses = collapse_table(result.cells).splitlines()
     # dapo-mean at 1e-2, seeds 0..3: collapsed at 11, exploded at 6, stable, collapsed at 11
     assert collapses[2] == "| dapo-mean | -, -, -, - | 11, 6, -, 11 |"
@@ -170,7 +170,7 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
     ) in result.table
     data = json.loads((tmp_path / "out" / "stability.json").read_text())
     assert data["stable_lr_limit"]["entropy"] == {"dapo-mean": 1e-4, "qae-k0.4": 1e-4}
-    assert data["stable_lr_limit"]["both"] == {"dapo-mean": None, "qae-k0.4": None}
+    assert data["stable_lr_limit"]["both"] == {"dapo-mean": 1e-4, "qae-k0.4": 1e-4}
     assert len(data["runs"]) == 16
     for key in ("map", "entropy"):
         path = result.files[key]

@@ -300,7 +300,10 @@ class _StandInLLM:
     def generate(self, prompts, params, use_tqdm=True):
         assert params.detokenize is False
         assert params.temperature > 0 or params.n == 1, "vLLM: greedy sampling needs n=1"
+        assert isinstance(params.seed, int) and 0 <= params.seed < 2**31
         (stop,) = params.stop_token_ids
+        rng = torch.get_rng_state()  # a seeded request draws from its own generator
+        torch.manual_seed(params.seed)
         sampling = dict(do_sample=False)
         if params.temperature > 0:
             sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p)
@@ -318,6 +321,7 @@ class _StandInLLM:
                 toks = toks[: toks.index(stop) + 1] if stop in toks else toks
                 done.append(SimpleNamespace(index=j, token_ids=toks, finish_reason=reason))
             outs.append(SimpleNamespace(outputs=done[::-1]))  # any order: sorted by index
+        torch.set_rng_state(rng)
         return outs
 
 
@@ -389,6 +393,23 @@ def test_generate_and_sync_through_the_engine_calls(stand_in_vllm, monkeypatch):
     assert rollout.llm.resets == 1
     after = rollout.generate(prompts, answers, group_size=1, temperature=0.0, max_new_tokens=5)
     assert after.response_ids == hf_greedy().response_ids
+
+
+def test_request_seeds_come_from_the_trainers_generator(stand_in_vllm, monkeypatch):
+    """The same torch seed gives the same samples; the next call draws a new seed."""
+    _, tokenizer = load_policy("builtin", torch.device("cpu"))
+    rollout = _stand_in_rollout(monkeypatch, tokenizer)
+    rows = make_split("validation")[:8]
+    prompts, answers = [r["prompt"] for r in rows], [str(r["answer"]) for r in rows]
+
+    def two_calls():
+        torch.manual_seed(3)
+        return [rollout.generate(prompts, answers, group_size=4, max_new_tokens=5) for _ in "ab"]
+
+    first, second = two_calls()
+    again, _ = two_calls()
+    assert first.response_ids == again.response_ids
+    assert first.response_ids != second.response_ids
 
 
 def test_train_samples_with_the_engine_and_syncs_every_step(stand_in_vllm, monkeypatch, tmp_path):

@@ -44,8 +44,9 @@ class Batch:
             clears it); advantages still use every row.
         texts: B decoded responses. answers: B ground truths. prompts: B prompt texts.
         sample_entropy: B floats, the sum over each response's tokens of the entropy of
-            the distribution it was sampled from (logits / temperature), measured during
-            generation; empty when the backend did not measure it.
+            ``softmax(logits / temperature)`` at that token (before any top-p cut, as
+            ``actor/entropy`` is), measured during generation; empty when the backend did
+            not measure it.
     """
 
     prompt_ids: list[list[int]]
@@ -117,8 +118,9 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
 class _EntropyRecorder:
     """Logits processor that records, at every generation step, the entropy of each row's
     sampling distribution ``softmax(logits / temperature)`` and passes the logits on
-    unchanged. Custom processors run before the temperature and top-p warpers, so the
-    logits it sees are the model's own."""
+    unchanged. Custom processors run after the processors the model's generation config
+    asks for (e.g. a repetition penalty) and before the temperature and top-p warpers, so
+    with none of the former the logits it sees are the model's own."""
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature if temperature > 0 else 1.0

@@ -363,6 +363,7 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
             top_p=e.top_p,
             max_new_tokens=data.max_new_tokens,
             batch_size=cfg.rollout.generation_batch_size,
+            measure_entropy=False,
         )
     finally:
         torch.set_rng_state(state)

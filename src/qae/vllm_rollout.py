@@ -10,12 +10,13 @@ The result is a :class:`qae.rollout.Batch` laid out exactly as
 :func:`qae.rollout.generate_batch` lays it out; :func:`batch_from_token_outputs`, the
 pure part, turns token ids into that layout and is tested without vLLM or a GPU.
 
-Departures from the ``hf`` backend: samples come from vLLM's own random streams (seeded
-once with ``trainer.seed``), not torch's, so the two backends draw different responses
-from the same weights; the engine computes in ``rollout.vllm_dtype`` (bfloat16 by
-default) while the update recomputes log-probs with the training model, as verl does;
-``Batch.sample_entropy`` stays empty (vLLM returns no full-distribution entropy), so
-``rollout/entropy`` is not logged.
+Departures from the ``hf`` backend: each ``generate`` call gives vLLM a request seed drawn
+from torch's CPU generator (seeded by ``trainer.seed`` and checkpointed, so a resumed run
+asks for the same samples), but vLLM's sampler is not ``generate``'s, so the two backends
+draw different responses from the same weights; the engine computes in
+``rollout.vllm_dtype`` (bfloat16 by default) while the update recomputes log-probs with
+the training model, as verl does; ``Batch.sample_entropy`` stays empty (vLLM returns no
+full-distribution entropy), so ``rollout/entropy`` is not logged.
 
 Status: untested until ``tests/test_vllm_rollout.py`` has passed on a GPU with vLLM.
 """
@@ -276,6 +277,9 @@ class VLLMRollout:
             temperature=temperature,
             top_p=1.0 if greedy else top_p,
             max_tokens=max_new_tokens,
+            # Drawn from torch's CPU generator, which the trainer seeds and checkpoints, so
+            # a resumed run asks the engine for the same samples as an uninterrupted one.
+            seed=int(torch.randint(0, 2**31 - 1, (1,))),
             stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None,
             detokenize=False,
         )

@@ -258,13 +258,14 @@ def stable_lr_limit(
 ) -> float | None:
     """Largest lr up to which every cell of ``estimator`` (from the smallest lr on) had all
     its seeds stable; None when even the smallest lr lost a seed. ``by``: ``entropy`` (the
-    entropy verdict), ``reward`` (every seed's reward held) or ``both``."""
+    entropy verdict), ``reward`` (every judged seed's reward held; a run that logged no
+    training accuracy has no reward verdict and does not count) or ``both``."""
     if by not in ("entropy", "reward", "both"):
         raise ValueError(f"by must be entropy, reward or both, got by={by!r}")
     limit = None
     for c in sorted((c for c in cells if c.estimator == estimator), key=lambda c: c.lr):
         ok_entropy = c.n_stable == c.n
-        ok_reward = c.n_reward_held == c.n
+        ok_reward = c.n_reward_held == c.n_reward_judged  # unjudged seeds: nothing lost
         ok = {"entropy": ok_entropy, "reward": ok_reward, "both": ok_entropy and ok_reward}
         if not ok[by]:
             break
