@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import inspect
 import os
-import tempfile
 import textwrap
 import types
 import typing
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from qae.atomic import atomic_write_text
 
 __all__ = [
     "add_config_arguments",
@@ -222,13 +223,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_yaml_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the config as YAML atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def add_config_arguments(

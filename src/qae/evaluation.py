@@ -21,13 +21,13 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qae.atomic import atomic_write_json
 from qae.data import PromptRecord
 from qae.registry import Registry
 from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward, normalize_answer, score_batch
@@ -200,21 +200,6 @@ def build_prompt(record: PromptRecord, tokenizer: Any, template: str) -> tuple[s
 # Output files
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_samples(path: Path) -> list[dict[str, Any]]:
     """Rows of ``samples.jsonl``; a torn last line (a crash mid-write) is cut off the file."""
     if not path.exists():
@@ -247,7 +232,7 @@ def _check_resume(out: Path, config: dict[str, Any]) -> None:
                     f"{out} holds an evaluation with {key}={old[key]!r}, not {config[key]!r}; "
                     "use another output directory to start a new evaluation"
                 )
-    _atomic_write_json(path, config)
+    atomic_write_json(path, config, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -466,7 +451,7 @@ def evaluate(
     kept = [r for r in rows if (r["source"], str(r["problem_id"])) in wanted]
     summary = {"benchmarks": summarize(kept, n=n, ks=list(ks)), "config": config}
     if out is not None:
-        _atomic_write_json(out / SUMMARY_FILE, summary)
+        atomic_write_json(out / SUMMARY_FILE, summary, indent=2, sort_keys=True)
     return summary
 
 

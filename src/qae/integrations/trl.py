@@ -41,13 +41,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from qae.advantages import advantage_stats, compute_advantages, estimators
+from qae.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 try:
@@ -238,7 +238,7 @@ class QAEAdvantageMixin:
             self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
         )
         if os.path.isdir(folder):
-            _write_json(os.path.join(folder, KCONTROL_FILE), self.qae_state_dict())
+            atomic_write_json(os.path.join(folder, KCONTROL_FILE), self.qae_state_dict())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # noqa: ANN001, ANN202
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -338,17 +338,3 @@ class QAEGRPOTrainer(QAEAdvantageMixin, GRPOTrainer):
             train_dataset=ds, qae_k=0.4,
         )
     """
-
-
-def _write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file + rename)."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -72,6 +71,7 @@ from qae.advantages import (
     compute_advantages,
     estimators,
 )
+from qae.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 __all__ = [
@@ -342,17 +342,7 @@ def _save(entry: dict[str, Any]) -> None:
         "updates": entry["updates"],
         "pending": entry["pending"],
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, state)
 
 
 def qae_adaptive_advantage(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from qae.atomic import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,20 +21,13 @@ _STYLE = {"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "axes.gri
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` as PNG through a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return atomic_write(
+            path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"),
+            binary=True,
+        )  # fmt: skip
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_baseline(result: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qae.atomic import atomic_write_json
 from qae.lab import checks
 from qae.lab.dynamics import MODES
 from qae.lab.groups import parse_estimator
@@ -176,19 +175,7 @@ def _jsonable(x: Any) -> Any:
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as strict JSON to ``path`` through a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_jsonable(obj), fh, indent=1, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, _jsonable(obj), indent=1, allow_nan=False)
 
 
 def _summary_line(name: str, res: dict[str, Any]) -> str:

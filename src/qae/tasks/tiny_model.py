@@ -14,10 +14,8 @@ encoding, so a prompt is encoded the same with or without ``add_special_tokens``
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ from typing import Any
 
 import torch
 
+from qae.atomic import atomic_write_json
 from qae.tasks.arithmetic import (
     ALPHABET,
     LEVELS,
@@ -390,15 +389,6 @@ def time_generation(
     }
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def build_tiny_model(
     out_dir: str | Path | None = None,
     config: PretrainConfig | None = None,
@@ -457,7 +447,7 @@ def build_tiny_model(
     for written in out.iterdir():  # shipped files must be readable by every user
         if written.is_file():
             os.chmod(written, 0o644)
-    _atomic_write_json(out / BUILD_INFO_FILE, info)
+    atomic_write_json(out / BUILD_INFO_FILE, info, indent=2, sort_keys=True)
     return info
 
 
