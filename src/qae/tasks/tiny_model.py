@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,11 @@ from qae.tasks.arithmetic import (
 )
 
 __all__ = [
+    "ARITHMETIC",
     "BUILD_INFO_FILE",
     "PretrainConfig",
     "PretrainResult",
+    "PretrainTask",
     "build_model",
     "build_tiny_model",
     "build_tokenizer",
@@ -45,6 +47,7 @@ __all__ = [
     "load_tiny_model",
     "pass_at_1",
     "pretrain",
+    "summarize_scores",
     "time_generation",
     "tiny_model_path",
 ]
@@ -60,22 +63,32 @@ def tiny_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets"
 
 
-def build_tokenizer(alphabet: str = ALPHABET) -> Any:
-    """A character-level ``PreTrainedTokenizerFast``: one token per character of
-    ``alphabet`` plus ``<pad>`` (id 0), ``</s>`` (id 1) and ``<unk>`` (id 2).
+def build_tokenizer(
+    alphabet: str = ALPHABET, words: Sequence[str] = (), model_max_length: int = 64
+) -> Any:
+    """A character-level ``PreTrainedTokenizerFast``: ``<pad>`` (id 0), ``</s>`` (id 1),
+    ``<unk>`` (id 2), one token per character of ``alphabet``, then one per word of
+    ``words`` (a word in the text is one token; other text splits into characters).
 
-    Padding is on the left (batched generation); decoding joins characters with nothing.
+    Padding is on the left (batched generation); decoding joins tokens with nothing.
     """
+    import re
+
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if len(set(alphabet)) != len(alphabet) or not alphabet:
         raise ValueError(f"alphabet must be non-empty distinct characters, got {alphabet!r}")
+    if len(set(words)) != len(words) or any(len(w) < 2 for w in words):
+        raise ValueError(f"words must be distinct strings of 2+ characters, got {words!r}")
     vocab = {PAD: 0, EOS: 1, UNK: 2}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
+    for token in (*alphabet, *words):
+        vocab[token] = len(vocab)
+    # Longest words first, so that a word is never cut by a shorter one it starts with.
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    pattern = f"{pattern}|[\\s\\S]" if pattern else "[\\s\\S]"
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -83,8 +96,47 @@ def build_tokenizer(alphabet: str = ALPHABET) -> Any:
         eos_token=EOS,
         unk_token=UNK,
         padding_side="left",
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
+
+
+@dataclass(frozen=True)
+class PretrainTask:
+    """What pre-training and measuring a tiny model need from a built-in task."""
+
+    name: str
+    tokenizer: Callable[[], Any]
+    """Builds the task's tokenizer."""
+    stream: Callable[[Any], Iterator[dict]]
+    """Training records for a :class:`PretrainConfig` (seeded by it): ``prompt``,
+    ``answer`` and the ``target`` text the model learns to write (default: ``answer``)."""
+    split: Callable[[str], list[dict]]
+    """The task's fixed ``dev`` and ``validation`` splits by name."""
+    score: Callable[[str, Any], float]
+    """The task's exact verifier."""
+    max_new_tokens: int
+    """Response length limit (the end token included)."""
+    max_positions: int
+    """The model's context: prompt plus response tokens."""
+    levels: tuple = ()
+    """The task's difficulty levels (dataclasses), recorded in the build info."""
+
+
+def _arithmetic_stream(config: PretrainConfig) -> Iterator[dict]:
+    return iter_train(config.seed, weights=config.level_weights)
+
+
+ARITHMETIC = PretrainTask(
+    name="arithmetic",
+    tokenizer=lambda: build_tokenizer(),
+    stream=_arithmetic_stream,
+    split=make_split,
+    score=arithmetic_score,
+    max_new_tokens=MAX_NEW_TOKENS,
+    max_positions=64,
+    levels=LEVELS,
+)
+"""The arithmetic task as pre-training sees it (answers only, no reasoning)."""
 
 
 @dataclass
@@ -127,8 +179,16 @@ class PretrainResult:
     """One entry per evaluation: step, mean training loss since the last one, dev pass@1."""
 
 
-def build_model(tokenizer: Any, config: PretrainConfig | None = None) -> Any:
-    """A randomly initialized ``Qwen2ForCausalLM`` sized by ``config`` for ``tokenizer``.
+def build_model(
+    tokenizer: Any,
+    config: PretrainConfig | None = None,
+    *,
+    max_positions: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> Any:
+    """A randomly initialized ``Qwen2ForCausalLM`` sized by ``config`` for ``tokenizer``,
+    with a context of ``max_positions`` tokens and ``max_new_tokens`` as its generation
+    default.
 
     Initialization is seeded with ``config.seed``; input and output embeddings are tied.
     """
@@ -142,7 +202,7 @@ def build_model(tokenizer: Any, config: PretrainConfig | None = None) -> Any:
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -153,18 +213,20 @@ def build_model(tokenizer: Any, config: PretrainConfig | None = None) -> Any:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
-    model.generation_config.max_new_tokens = MAX_NEW_TOKENS
+    model.generation_config.max_new_tokens = max_new_tokens
     return model
 
 
 def _encode_batch(tokenizer: Any, records: Sequence[dict]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``prompt + answer + </s>`` ids with labels on the answer and ``</s>``.
+    """Right-padded ``prompt + target + </s>`` ids with labels on the target and ``</s>``
+    (a record's ``target`` is the response to learn; its ``answer`` when it has none).
 
     Returns ``input_ids [N, L]``, ``attention_mask [N, L]``, ``labels [N, L]`` (-100 off
-    the answer).
+    the target).
     """
     prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    targets = [r.get("target", r["answer"]) for r in records]
+    answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
     width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers, strict=True))
     ids = torch.full((len(records), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(records), width), dtype=torch.long)
@@ -238,6 +300,7 @@ def pass_at_1(
     samples: int = 1,
     seed: int = 0,
     score: Callable[[str, Any], float] = arithmetic_score,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict:
     """Mean score of ``samples`` responses per record, overall and per difficulty.
 
@@ -248,19 +311,36 @@ def pass_at_1(
         raise ValueError("pass_at_1 needs at least one record")
     torch.manual_seed(seed)
     responses = generate_answers(
-        model, tokenizer, [r["prompt"] for r in records], temperature=temperature, samples=samples
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        temperature=temperature,
+        samples=samples,
+        max_new_tokens=max_new_tokens,
     )
     per_record = [
         sum(score(x, r["answer"]) for x in resp) / len(resp)
         for r, resp in zip(records, responses, strict=True)
     ]
+    return summarize_scores(records, per_record)
+
+
+def summarize_scores(records: Sequence[dict], per_record: Sequence[float]) -> dict:
+    """Mean of per-record success rates, overall and per ``difficulty``, plus the spread:
+    the fraction of records below 0.2, in [0.2, 0.8] and above 0.8."""
     levels: dict[int, list[float]] = {}
     for r, s in zip(records, per_record, strict=True):
         levels.setdefault(int(r["difficulty"]), []).append(s)
+    n = len(per_record)
     return {
-        "overall": sum(per_record) / len(per_record),
+        "overall": sum(per_record) / n,
         "by_difficulty": {k: sum(v) / len(v) for k, v in sorted(levels.items())},
-        "n": len(records),
+        "n": n,
+        "spread": {
+            "below_0.2": sum(x < 0.2 for x in per_record) / n,
+            "between_0.2_0.8": sum(0.2 <= x <= 0.8 for x in per_record) / n,
+            "above_0.8": sum(x > 0.8 for x in per_record) / n,
+        },
     }
 
 
@@ -274,9 +354,10 @@ def _lr_factor(step: int, config: PretrainConfig) -> float:
 def pretrain(
     config: PretrainConfig | None = None,
     *,
+    task: PretrainTask = ARITHMETIC,
     log: Callable[[str], None] | None = None,
 ) -> PretrainResult:
-    """Pre-train a fresh tiny model on the arithmetic task with teacher forcing.
+    """Pre-train a fresh tiny model on ``task`` with teacher forcing.
 
     Seeded (``config.seed``) and single-process with ``config.threads`` torch threads,
     so the same settings on the same CPU give the same weights. Stops after
@@ -292,14 +373,18 @@ def pretrain(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _pretrain(config, log or (lambda _: None))
+        return _pretrain(config, task, log or (lambda _: None))
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _pretrain(config: PretrainConfig, log: Callable[[str], None]) -> PretrainResult:
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, config)
+def _pretrain(
+    config: PretrainConfig, task: PretrainTask, log: Callable[[str], None]
+) -> PretrainResult:
+    tokenizer = task.tokenizer()
+    model = build_model(
+        tokenizer, config, max_positions=task.max_positions, max_new_tokens=task.max_new_tokens
+    )
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -312,8 +397,8 @@ def _pretrain(config: PretrainConfig, log: Callable[[str], None]) -> PretrainRes
         betas=(0.9, 0.98),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    stream = iter_train(config.seed, weights=config.level_weights)
-    dev = make_split("dev")
+    stream = task.stream(config)
+    dev = task.split("dev")
     history: list[dict] = []
     losses: list[float] = []
     start = time.perf_counter()
@@ -330,7 +415,9 @@ def _pretrain(config: PretrainConfig, log: Callable[[str], None]) -> PretrainRes
         losses.append(loss.item())
         step += 1
         if step % config.eval_every == 0 or step == config.max_steps:
-            dev_eval = pass_at_1(model, tokenizer, dev)
+            dev_eval = pass_at_1(
+                model, tokenizer, dev, score=task.score, max_new_tokens=task.max_new_tokens
+            )
             entry = {
                 "step": step,
                 "seconds": round(time.perf_counter() - start, 1),
@@ -366,23 +453,31 @@ def time_generation(
     samples: int = 8,
     repeats: int = 5,
     seed: int = 0,
+    task: PretrainTask = ARITHMETIC,
 ) -> dict:
     """Seconds to sample ``samples`` responses at temperature 1 for ``prompts`` validation
     prompts with ``model.generate`` (median of ``repeats`` runs), and their pass@1."""
-    records = make_split("validation")[:prompts]
+    records = task.split("validation")[:prompts]
     times = []
     result: dict = {}
     for r in range(repeats):
         t0 = time.perf_counter()
         result = pass_at_1(
-            model, tokenizer, records, temperature=1.0, samples=samples, seed=seed + r
+            model,
+            tokenizer,
+            records,
+            temperature=1.0,
+            samples=samples,
+            seed=seed + r,
+            score=task.score,
+            max_new_tokens=task.max_new_tokens,
         )
         times.append(time.perf_counter() - t0)
     times.sort()
     return {
         "prompts": prompts,
         "samples": samples,
-        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_new_tokens": task.max_new_tokens,
         "threads": torch.get_num_threads(),
         "median_seconds": times[len(times) // 2],
         "pass_at_1_last": result["overall"],
@@ -394,9 +489,10 @@ def build_tiny_model(
     config: PretrainConfig | None = None,
     *,
     val_samples: int = 4,
+    task: PretrainTask = ARITHMETIC,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Pre-train the tiny model, measure it on the validation split and save it.
+    """Pre-train a tiny model on ``task``, measure it on the validation split and save it.
 
     Writes the tokenizer, ``config.json``, ``generation_config.json``,
     ``model.safetensors`` and :data:`BUILD_INFO_FILE` (settings, steps, seconds, dev
@@ -410,22 +506,30 @@ def build_tiny_model(
     config = config or PretrainConfig()
     out = Path(out_dir) if out_dir is not None else tiny_model_path()
     out.mkdir(parents=True, exist_ok=True)
-    result = pretrain(config, log=log)
+    result = pretrain(config, task=task, log=log)
     model, tokenizer = result.model, result.tokenizer
-    validation = make_split("validation")
+    validation = task.split("validation")
+    measure = dict(score=task.score, max_new_tokens=task.max_new_tokens)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        greedy = pass_at_1(model, tokenizer, validation)
+        greedy = pass_at_1(model, tokenizer, validation, **measure)
         sampled = pass_at_1(
-            model, tokenizer, validation, temperature=1.0, samples=val_samples, seed=config.seed
+            model,
+            tokenizer,
+            validation,
+            temperature=1.0,
+            samples=val_samples,
+            seed=config.seed,
+            **measure,
         )
-        timing = time_generation(model, tokenizer)
+        timing = time_generation(model, tokenizer, task=task)
     finally:
         torch.set_num_threads(old_threads)
     info = {
+        "task": task.name,
         "settings": asdict(config),
-        "levels": [asdict(level) for level in LEVELS],
+        "levels": [asdict(level) for level in task.levels],
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
