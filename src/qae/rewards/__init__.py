@@ -23,10 +23,12 @@ from qae.rewards.extract import (
 from qae.rewards.math import answers_equivalent, math_score
 from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, ScoringPool, time_limit
 from qae.tasks.arithmetic import arithmetic_score
+from qae.tasks.reasoning import reasoning_score
 
 register_reward("math", isolated=True)(math_score)
-# The built-in task's exact verifier: microseconds per item, scored in-process.
+# The built-in tasks' exact verifiers: microseconds per item, scored in-process.
 register_reward("arithmetic", isolated=False)(arithmetic_score)
+register_reward("reasoning", isolated=False)(reasoning_score)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
