@@ -226,7 +226,7 @@ def test_rollout_backend_fields_are_validated():
     assert RolloutConfig().backend == "hf"
     assert RolloutConfig(backend="vllm").vllm_gpu_memory_utilization == 0.3
     cases = [
-        ({"rollout.backend": "sglang"}, r"rollout: backend must be hf or vllm, got "),
+        ({"rollout.backend": "sglang"}, r"rollout: backend must be hf, sampler or vllm, got "),
         ({"rollout.vllm_gpu_memory_utilization": 1.5}, r"must be in \(0, 1\], got .*1.5"),
         ({"rollout.vllm_gpu_memory_utilization": 0.0}, r"vllm_gpu_memory_utilization must be"),
         ({"rollout.vllm_max_model_len": -1}, r"vllm_max_model_len must be a number >= 0"),

@@ -16,6 +16,7 @@ from qae.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES
 from qae.configtools import load_yaml_config
 from qae.kcontrol import KControlConfig
 from qae.losses import LossConfig
+from qae.tasks.builtin import BUILTIN
 
 __all__ = [
     "AlgoConfig",
@@ -31,7 +32,6 @@ __all__ = [
     "preset_names",
 ]
 
-BUILTIN = "builtin"
 
 
 def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
@@ -51,7 +51,8 @@ class ModelConfig:
 
     path: str = BUILTIN
     """Hugging Face model id or local directory of a causal LM; ``builtin`` is the shipped
-    tiny model for the built-in task."""
+    tiny model of the arithmetic task, ``builtin:<task>`` the base policy shipped with a
+    built-in task (``builtin:arithmetic``, ``builtin:reasoning``)."""
 
     dtype: str = "auto"
     """Parameter dtype: ``auto`` (float32 on CPU, bfloat16 autocast on GPU), ``float32`` or
@@ -75,11 +76,13 @@ class DataConfig:
     """Where prompts and answers come from, and how responses are scored."""
 
     train: str = BUILTIN
-    """Training prompts: ``builtin`` (the arithmetic task), a JSONL/Parquet file, or a
-    Hugging Face dataset name."""
+    """Training prompts: ``builtin`` (the arithmetic task), ``builtin:<task>``
+    (``builtin:arithmetic``, ``builtin:reasoning``: the task's endless seeded stream), a
+    JSONL/Parquet file, or a Hugging Face dataset name."""
 
     val: str = BUILTIN
-    """Held-out prompts for validation, same forms as ``train``; empty disables."""
+    """Held-out prompts for validation, same forms as ``train`` (a built-in task's fixed
+    validation split); empty disables."""
 
     problem_key: str = ""
     """Field holding the problem (empty: guess ``prompt``/``problem``/``question``)."""
@@ -91,8 +94,8 @@ class DataConfig:
     """Prompt template: ``raw`` (the problem text as is), ``boxed`` or ``dapo``."""
 
     reward: str = "auto"
-    """Registered reward function: ``auto`` picks ``arithmetic`` for the built-in task and
-    ``math`` otherwise."""
+    """Registered reward function: ``auto`` picks a built-in task's own verifier
+    (``arithmetic``, ``reasoning``) and ``math`` otherwise."""
 
     val_size: int = 0
     """Validation prompts used (the first N of the held-out split); 0 = all."""
@@ -121,7 +124,8 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 = off)."""
 
     max_new_tokens: int = 0
-    """Response length limit; 0 = the task's own (the built-in task's answer length)."""
+    """Response length limit; 0 = the task's own for a built-in task (arithmetic: its
+    longest answer; reasoning: 128), else 1024."""
 
     dynamic_sampling: bool = True
     """DAPO dynamic sampling: drop groups whose scores are all equal and sample more
@@ -152,10 +156,14 @@ class RolloutConfig:
     (``benchmarks/bench_rollout_entropy.py``). The ``hf`` backend only."""
 
     backend: str = "hf"
-    """Generation engine: ``hf`` (Hugging Face ``generate``, any device) or ``vllm`` (a vLLM
-    engine beside the training model on the same CUDA GPU, its weights synced from the
-    training model every step; needs ``pip install 'qae[vllm]'``; vLLM batches by itself,
-    so ``generation_batch_size`` does not apply). ``vllm`` is untested: no GPU run of its
+    """Generation engine: ``hf`` (Hugging Face ``generate``, any device); ``sampler`` (qae's
+    cached sampling loop: one prefill per prompt shared by its G samples, finished
+    responses leave the batch, and each token's sampling log-prob is recorded, so
+    ``trainer.old_logprobs=sampler`` can skip a forward pass; fastest for small models on a
+    CPU, ``benchmarks/bench_rollout.py``); or ``vllm`` (a vLLM engine beside the training
+    model on the same CUDA GPU, its weights synced from the training model every step;
+    needs ``pip install 'qae[vllm]'``; vLLM batches by itself, so
+    ``generation_batch_size`` does not apply). ``vllm`` is untested: no GPU run of its
     test has passed yet."""
 
     vllm_gpu_memory_utilization: float = 0.3
@@ -184,8 +192,10 @@ class RolloutConfig:
             raise ValueError(
                 f"overlong must be penalty, mask or none, got overlong={self.overlong!r}"
             )
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"backend must be hf or vllm, got backend={self.backend!r}")
+        if self.backend not in ("hf", "sampler", "vllm"):
+            raise ValueError(
+                f"backend must be hf, sampler or vllm, got backend={self.backend!r}"
+            )
         if self.vllm_gpu_memory_utilization > 1:
             raise ValueError(
                 "vllm_gpu_memory_utilization must be in (0, 1], got "
@@ -291,6 +301,14 @@ class TrainerConfig:
     micro_batch_size: int = 64
     """Responses per forward/backward (gradient accumulation bounds memory)."""
 
+    old_logprobs: str = "recompute"
+    """Where the sampling policy's log-probs (the PPO ratio's denominator, with several
+    mini-batches or epochs) come from: ``recompute`` (a forward pass of the weights that
+    sampled, before the first update, as verl does) or ``sampler`` (recorded while
+    sampling by ``rollout.backend=sampler``: the same weights and float32 numerics, equal
+    to a forward pass to about 1e-5, one forward pass fewer per step; entropy metrics then
+    come from the sampler too)."""
+
     skip_zero_adv: bool = True
     """Leave responses whose advantage is exactly 0 out of the update's forward/backward
     when that cannot change the gradient (ppo/gspo losses without KL or entropy terms;
@@ -315,6 +333,11 @@ class TrainerConfig:
         _positive(self, "steps", allow_zero=True)
         _positive(self, "ppo_epochs", "mini_batches", "micro_batch_size")
         _positive(self, "threads", "diagnostics_every", allow_zero=True)
+        if self.old_logprobs not in ("recompute", "sampler"):
+            raise ValueError(
+                "old_logprobs must be recompute or sampler, "
+                f"got old_logprobs={self.old_logprobs!r}"
+            )
 
 
 @dataclass

@@ -507,15 +507,40 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
+def _auto_settings(args: argparse.Namespace, sources: Sequence[str]) -> tuple[str, str, int]:
+    """``(reward, template, max_new_tokens)`` with each ``auto`` resolved: a built-in task's
+    verifier, the raw template and its length limit when every source is that task;
+    ``math``, ``dapo`` and 1024 otherwise."""
+    from qae.tasks.builtin import builtin_task, is_builtin
+
+    builtin = [builtin_task(s, field="--data") for s in sources if is_builtin(s)]
+    one_task = len({t.name for t in builtin}) == 1 and len(builtin) == len(sources)
+    task = builtin[0] if one_task else None
+    if task is None and builtin and "auto" in (args.reward, args.template):
+        raise ValueError(
+            f"--data {args.data!r} mixes a built-in task with other sources: name --reward "
+            "and --template explicitly"
+        )
+    reward = args.reward if args.reward != "auto" else (task.reward if task else "math")
+    template = args.template if args.template != "auto" else ("raw" if task else "dapo")
+    max_new = args.max_new_tokens or (task.max_new_tokens if task else 1024)
+    return reward, template, max_new
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     """``qae eval``: load the model and the data, evaluate, print the table."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qae.data import load_prompts
+    from qae.tasks.builtin import builtin_records, builtin_task, is_builtin
 
     records: list[PromptRecord] = []
-    for source in [s.strip() for s in args.data.split(",") if s.strip()]:
+    sources = [s.strip() for s in args.data.split(",") if s.strip()]
+    for source in sources:
+        if is_builtin(source):
+            records.extend(builtin_records(source, "validation", field="--data")[: args.limit])
+            continue
         records.extend(
             load_prompts(
                 source,
@@ -528,6 +553,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     if not records:
         raise ValueError(f"--data {args.data!r} holds no problems")
+    reward, template, max_new_tokens = _auto_settings(args, sources)
+    model_path = args.model
+    if is_builtin(model_path):
+        model_path = str(builtin_task(model_path, field="--model").model_path())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
         "auto": "auto",
@@ -535,8 +564,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[args.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     summary = evaluate(
         model,
         tokenizer,
@@ -544,13 +573,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         ks=args.k,
-        reward=args.reward,
+        reward=reward,
         out_dir=args.out,
         batch_size=args.batch_size,
         seed=args.seed,
-        template=args.template,
+        template=template,
         workers=args.workers,
         timeout=args.timeout,
         progress=not args.no_progress,
@@ -569,12 +598,18 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "by a verifiable reward. Writes samples.jsonl and summary.json to --out and resumes "
         "an interrupted run in the same folder.",
     )
-    p.add_argument("--model", required=True, help="local path or Hugging Face model id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="local path, Hugging Face model id, or a built-in task's base policy "
+        "(builtin, builtin:arithmetic, builtin:reasoning)",
+    )
     p.add_argument(
         "--data",
         required=True,
         help="comma-separated benchmark names (aime24, aime25, amc23, math500, gsm8k), "
-        ".jsonl/.parquet files or hub dataset ids",
+        ".jsonl/.parquet files, hub dataset ids, or a built-in task's validation split "
+        "(builtin:arithmetic, builtin:reasoning)",
     )
     p.add_argument("--data-dir", default=None, help="folder searched for <benchmark>.jsonl")
     p.add_argument("--split", default=None, help="dataset split for hub sources")
@@ -584,15 +619,25 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        help="response length limit (0: a built-in task's own, else 1024)",
+    )
     p.add_argument("--k", type=_parse_ks, default=[1, 16], help="pass@k values, e.g. 1,16")
     p.add_argument(
         "--template",
-        default="dapo",
-        choices=prompt_templates.names(),
-        help="prompt template for problems stored as plain text",
+        default="auto",
+        choices=["auto", *prompt_templates.names()],
+        help="prompt template for problems stored as plain text (auto: raw for a built-in "
+        "task, else dapo)",
     )
-    p.add_argument("--reward", default="math", help="registered reward function name")
+    p.add_argument(
+        "--reward",
+        default="auto",
+        help="registered reward function name (auto: a built-in task's verifier, else math)",
+    )
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

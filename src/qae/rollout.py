@@ -10,7 +10,7 @@ freely and micro-batches can be packed from any subset of rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -21,11 +21,13 @@ from qae.entropy import selective_log_softmax, token_entropy
 
 __all__ = [
     "Batch",
+    "batch_from_token_outputs",
     "collate",
     "concat_batches",
     "encode_prompts",
     "generate_batch",
     "response_logprobs",
+    "sample_batch",
 ]
 
 
@@ -47,6 +49,11 @@ class Batch:
             ``softmax(logits / temperature)`` at that token (before any top-p cut, as
             ``actor/entropy`` is), measured during generation; empty when the backend did
             not measure it.
+        sample_logprobs: B lists, the log-prob of each response token under
+            ``softmax(logits / temperature)`` as recorded while sampling (the ``sampler``
+            backend); empty when the backend did not record them.
+        sample_token_entropy: B lists, the entropy of that distribution at each response
+            token (``sample_entropy`` holds their sums); empty likewise.
     """
 
     prompt_ids: list[list[int]]
@@ -60,6 +67,8 @@ class Batch:
     answers: list[Any] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     sample_entropy: list[float] = field(default_factory=list)
+    sample_logprobs: list[list[float]] = field(default_factory=list)
+    sample_token_entropy: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -236,6 +245,153 @@ def encode_prompts(
         if not ids:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenizes to nothing")
     return encoded
+
+
+def batch_from_token_outputs(
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[Sequence[int]]],
+    *,
+    group_size: int,
+    eos_token_id: int | None,
+    max_new_tokens: int,
+    decode: Callable[[list[list[int]]], list[str]],
+    length_stopped: Sequence[Sequence[bool]] | None = None,
+    logprobs: Sequence[Sequence[Sequence[float]]] | None = None,
+    entropy: Sequence[Sequence[Sequence[float]]] | None = None,
+) -> Batch:
+    """A :class:`~qae.rollout.Batch` from sampled token ids, laid out as
+    :func:`~qae.rollout.generate_batch` lays it out.
+
+    Args:
+        prompts: P prompt texts. answers: P ground truths.
+        prompt_ids: P token lists of the prompts.
+        responses: P lists of G token lists (``responses[i][j]``: sample j of prompt i);
+            tokens after the first end-of-sequence token are dropped, the token is kept.
+        group_size: G, checked against every ``responses[i]``.
+        eos_token_id: the end-of-sequence token (None: responses never end early).
+        max_new_tokens: the length limit the samples were drawn with.
+        decode: token lists -> texts (e.g. ``tokenizer.batch_decode`` without special
+            tokens).
+        length_stopped: optional P lists of G flags, True where the engine stopped a sample
+            at a length limit (such a sample is truncated even when it is shorter than
+            ``max_new_tokens``, e.g. cut by the context length).
+        logprobs, entropy: optional P lists of G lists with one number per sampled token
+            (the sampling distribution's log-prob of the token and its entropy), laid out
+            as ``responses``; they fill ``Batch.sample_logprobs``,
+            ``Batch.sample_token_entropy`` and ``Batch.sample_entropy`` (per-response sums).
+
+    Returns:
+        B = P·G rows in prompt order, each prompt's G samples together: ``group_ids [B]``
+        ``[0]*G + [1]*G + ...``, ``truncated [B]`` (no end token and a length limit hit),
+        ``scores [B]`` and ``rewards [B]`` zero, ``loss_rows [B]`` all True.
+    """
+    n = len(prompts)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    for name, seq in (("answers", answers), ("prompt_ids", prompt_ids), ("responses", responses)):
+        if len(seq) != n:
+            raise ValueError(f"prompts has {n} items but {name} has {len(seq)}")
+    if length_stopped is not None and len(length_stopped) != n:
+        raise ValueError(f"prompts has {n} items but length_stopped has {len(length_stopped)}")
+    prompt_rows: list[list[int]] = []
+    response_rows: list[list[int]] = []
+    truncated: list[bool] = []
+    row_logprobs: list[list[float]] = []
+    row_entropy: list[list[float]] = []
+    for i, samples in enumerate(responses):
+        if len(samples) != group_size:
+            raise ValueError(
+                f"prompt {i} has {len(samples)} responses, expected group_size={group_size}"
+            )
+        for j, sample in enumerate(samples):
+            toks = [int(t) for t in sample]
+            if eos_token_id is not None and eos_token_id in toks:
+                toks = toks[: toks.index(eos_token_id) + 1]
+                cut = False
+            else:
+                stopped = bool(length_stopped[i][j]) if length_stopped is not None else False
+                cut = stopped or len(toks) >= max_new_tokens
+            prompt_rows.append([int(t) for t in prompt_ids[i]])
+            response_rows.append(toks)
+            truncated.append(cut)
+            if logprobs is not None:
+                row_logprobs.append([float(x) for x in logprobs[i][j][: len(toks)]])
+            if entropy is not None:
+                row_entropy.append([float(x) for x in entropy[i][j][: len(toks)]])
+    b = len(response_rows)
+    return Batch(
+        prompt_ids=prompt_rows,
+        response_ids=response_rows,
+        group_ids=torch.arange(n).repeat_interleave(group_size),
+        scores=torch.zeros(b),
+        rewards=torch.zeros(b),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        loss_rows=torch.ones(b, dtype=torch.bool),
+        texts=list(decode(response_rows)) if b else [],
+        answers=[a for a in answers for _ in range(group_size)],
+        prompts=[p for p in prompts for _ in range(group_size)],
+        sample_entropy=[sum(row) for row in row_entropy],
+        sample_logprobs=row_logprobs,
+        sample_token_entropy=row_entropy,
+    )
+
+
+def sample_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    *,
+    group_size: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
+) -> Batch:
+    """Sample ``group_size`` responses per prompt with qae's cached sampling loop
+    (:func:`qae.sampler.sample_responses`: one prefill per prompt, finished rows leave the
+    batch); the same contract as :func:`generate_batch`, with ``Batch.sample_entropy``
+    and ``Batch.sample_logprobs`` filled. ``batch_size`` bounds the rows of one loop."""
+    from qae.sampler import sample_responses
+
+    encoded = encode_prompts(tokenizer, prompts, answers, group_size)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    responses: list[list[list[int]]] = []
+    logprobs: list[list[list[float]]] = []
+    entropy: list[list[list[float]]] = []
+    per_call = max(1, batch_size // group_size)
+    for start in range(0, len(encoded), per_call):
+        chunk = encoded[start : start + per_call]
+        out = sample_responses(
+            model,
+            chunk,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos,
+            pad_id=pad,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        for i in range(len(chunk)):
+            rows = slice(i * group_size, (i + 1) * group_size)
+            responses.append(out.tokens[rows])
+            logprobs.append(out.logprobs[rows])
+            entropy.append(out.entropy[rows])
+    return batch_from_token_outputs(
+        prompts,
+        answers,
+        encoded,
+        responses,
+        group_size=group_size,
+        eos_token_id=eos,
+        max_new_tokens=max_new_tokens,
+        decode=lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True),
+        logprobs=logprobs,
+        entropy=entropy,
+    )
 
 
 @torch.no_grad()

@@ -36,13 +36,13 @@ from qae.advantages import (
     broadcast_to_tokens,
     compute_advantages,
 )
-from qae.config import BUILTIN, TrainConfig
+from qae.config import TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.data import PromptRecord
 from qae.entropy import entropy_change_predictor, masked_mean
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
-from qae.rollout import Batch, concat_batches, generate_batch
+from qae.rollout import Batch, concat_batches, generate_batch, sample_batch
 from qae.runlog import Checkpointer, MetricsLogger
 from qae.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
 from qae.update import (
@@ -106,12 +106,6 @@ class PromptStream:
         return out
 
 
-def task_record(row: dict, index: int, source: str = "arithmetic") -> PromptRecord:
-    """A built-in task row (``prompt``, ``answer``, ``difficulty``) as a prompt record."""
-    meta = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
-    return PromptRecord(f"{source}-{index}", row["prompt"], str(row["answer"]), source, None, meta)
-
-
 # --------------------------------------------------------------------------------------
 # Setup
 
@@ -129,13 +123,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_policy(path: str, device: torch.device, dtype: str = "auto"):
-    """Model and tokenizer from a local directory or hub id (``builtin``: the tiny model)."""
+    """Model and tokenizer from a local directory or hub id (``builtin``, ``builtin:<task>``:
+    a built-in task's shipped base policy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path == BUILTIN:
-        from qae.tasks import tiny_model_path
+    from qae.tasks.builtin import builtin_task, is_builtin
 
-        path = str(tiny_model_path())
+    if is_builtin(path):
+        path = str(builtin_task(path, field="model.path").model_path())
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -166,29 +161,25 @@ def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     from qae.data import load_prompts
     from qae.evaluation import build_prompt
     from qae.rewards import get_reward
-    from qae.tasks import arithmetic
-    from qae.tasks.tiny_model import MAX_NEW_TOKENS
+    from qae.tasks.builtin import builtin_records, builtin_task, is_builtin, task_record
 
     d = cfg.data
     keys = dict(problem_key=d.problem_key or None, answer_key=d.answer_key or None)
-    builtin_train = d.train == BUILTIN
     max_new = cfg.rollout.max_new_tokens
-    if builtin_train:
+    task = builtin_task(d.train, field="data.train") if is_builtin(d.train) else None
+    if task is not None:
 
         def stream() -> Iterator[PromptRecord]:
-            for i, row in enumerate(arithmetic.iter_train(d.seed)):
-                yield task_record(row, i)
+            for i, row in enumerate(task.iter_train(d.seed)):
+                yield task_record(row, i, task.name)
 
         train = PromptStream(stream, seed=d.seed)
-        max_new = max_new or MAX_NEW_TOKENS
+        max_new = max_new or task.max_new_tokens
     else:
         train = PromptStream(load_prompts(d.train, **keys), seed=d.seed)
         max_new = max_new or 1024
-    if d.val == BUILTIN:
-        val = [
-            task_record(r, i, "validation")
-            for i, r in enumerate(arithmetic.make_split("validation"))
-        ]
+    if is_builtin(d.val):
+        val = builtin_records(d.val, "validation", field="data.val")
     elif d.val:
         val = load_prompts(d.val, **keys)
     else:
@@ -197,7 +188,7 @@ def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
         val = val[: d.val_size]
     reward_name = d.reward
     if reward_name == "auto":
-        reward_name = "arithmetic" if builtin_train else "math"
+        reward_name = task.reward if task is not None else "math"
     reward = get_reward(reward_name)
     if getattr(tokenizer, "chat_template", None) is None and d.template != "raw":
         warnings.warn(
@@ -281,6 +272,16 @@ def collect_rollouts(
             batch = engine.generate(
                 prompts, answers, max_new_tokens=data.max_new_tokens, **sampling
             )
+        elif r.backend == "sampler":
+            batch = sample_batch(
+                model,
+                tokenizer,
+                prompts,
+                answers,
+                max_new_tokens=data.max_new_tokens,
+                batch_size=r.generation_batch_size,
+                **sampling,
+            )
         else:
             batch = generate_batch(
                 model,
@@ -352,19 +353,22 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
     e = cfg.eval
     state = torch.get_rng_state()  # validation must not move the training RNG
     torch.manual_seed(cfg.trainer.seed + 12345)
+    args = dict(
+        group_size=e.n,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=data.max_new_tokens,
+        batch_size=cfg.rollout.generation_batch_size,
+    )
+    prompts = [data.format_prompt(x) for x in data.val]
+    answers = [x.answer for x in data.val]
     try:
-        batch = generate_batch(
-            model,
-            tokenizer,
-            [data.format_prompt(x) for x in data.val],
-            [x.answer for x in data.val],
-            group_size=e.n,
-            temperature=e.temperature,
-            top_p=e.top_p,
-            max_new_tokens=data.max_new_tokens,
-            batch_size=cfg.rollout.generation_batch_size,
-            measure_entropy=False,
-        )
+        if cfg.rollout.backend == "sampler":
+            batch = sample_batch(model, tokenizer, prompts, answers, **args)
+        else:
+            batch = generate_batch(
+                model, tokenizer, prompts, answers, measure_entropy=False, **args
+            )
     finally:
         torch.set_rng_state(state)
     batch = score_batch(batch, data.reward)
@@ -468,6 +472,11 @@ def train(
         raise ValueError(
             f"rollout.group_size={cfg.rollout.group_size}: the {cfg.algo.estimator!r} "
             f"estimator compares responses within a group and needs G >= 2"
+        )
+    if cfg.trainer.old_logprobs == "sampler" and cfg.rollout.backend != "sampler":
+        raise ValueError(
+            "trainer.old_logprobs='sampler' takes the log-probs the sampler recorded; it "
+            f"needs rollout.backend='sampler', got rollout.backend={cfg.rollout.backend!r}"
         )
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -609,7 +618,9 @@ def _sampling_logprobs(
     model's for every row when there is one."""
     b = len(batch)
     old_logp = old_ent = ref_logp = None
-    if cfg.trainer.ppo_epochs * cfg.trainer.mini_batches != 1:
+    if cfg.trainer.old_logprobs == "sampler":
+        old_logp, old_ent = _recorded_logprobs(batch)
+    elif cfg.trainer.ppo_epochs * cfg.trainer.mini_batches != 1:
         old_logp, old_ent = scatter_rows(
             batch_logprobs(model, batch, scored, pad_id, cfg, device), scored, b
         )
@@ -619,6 +630,25 @@ def _sampling_logprobs(
             batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
         )
     return old_logp, old_ent, ref_logp
+
+
+def _recorded_logprobs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [B, T], entropy [B, T])`` as the sampler recorded them (0 past each
+    response's end)."""
+    if len(batch.sample_logprobs) != len(batch) or len(batch.sample_token_entropy) != len(batch):
+        raise ValueError(
+            "trainer.old_logprobs='sampler' needs the log-probs recorded while sampling; "
+            "use rollout.backend='sampler' (this batch has none)"
+        )
+    width = max(1, max((len(r) for r in batch.response_ids), default=1))
+    logp = torch.zeros(len(batch), width)
+    ent = torch.zeros(len(batch), width)
+    for i, (lp, en) in enumerate(
+        zip(batch.sample_logprobs, batch.sample_token_entropy, strict=True)
+    ):
+        logp[i, : len(lp)] = torch.tensor(lp)
+        ent[i, : len(en)] = torch.tensor(en)
+    return logp, ent
 
 
 def _batch_metrics(batch: Batch) -> dict[str, float]:

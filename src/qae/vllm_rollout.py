@@ -7,8 +7,9 @@ current parameters into it and clears its prefix cache, so every step samples fr
 policy being trained. Validation keeps Hugging Face ``generate``.
 
 The result is a :class:`qae.rollout.Batch` laid out exactly as
-:func:`qae.rollout.generate_batch` lays it out; :func:`batch_from_token_outputs`, the
-pure part, turns token ids into that layout and is tested without vLLM or a GPU.
+:func:`qae.rollout.generate_batch` lays it out; :func:`qae.rollout.batch_from_token_outputs`
+(re-exported here), the pure part, turns token ids into that layout and is tested without
+vLLM or a GPU.
 
 Departures from the ``hf`` backend: each ``generate`` call gives vLLM a request seed drawn
 from torch's CPU generator (seeded by ``trainer.seed`` and checkpointed, so a resumed run
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qae.rollout import Batch, encode_prompts
+from qae.rollout import Batch, batch_from_token_outputs, encode_prompts
 
 if TYPE_CHECKING:
     from qae.config import TrainConfig
@@ -52,82 +53,6 @@ INSTALL_HINT = "pip install 'qae[vllm]' (vllm>=0.19.1, on a machine with a CUDA 
 
 # --------------------------------------------------------------------------------------
 # Pure parts (no vLLM)
-
-
-def batch_from_token_outputs(
-    prompts: Sequence[str],
-    answers: Sequence[Any],
-    prompt_ids: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[Sequence[int]]],
-    *,
-    group_size: int,
-    eos_token_id: int | None,
-    max_new_tokens: int,
-    decode: Callable[[list[list[int]]], list[str]],
-    length_stopped: Sequence[Sequence[bool]] | None = None,
-) -> Batch:
-    """A :class:`~qae.rollout.Batch` from sampled token ids, laid out as
-    :func:`~qae.rollout.generate_batch` lays it out.
-
-    Args:
-        prompts: P prompt texts. answers: P ground truths.
-        prompt_ids: P token lists of the prompts.
-        responses: P lists of G token lists (``responses[i][j]``: sample j of prompt i);
-            tokens after the first end-of-sequence token are dropped, the token is kept.
-        group_size: G, checked against every ``responses[i]``.
-        eos_token_id: the end-of-sequence token (None: responses never end early).
-        max_new_tokens: the length limit the samples were drawn with.
-        decode: token lists -> texts (e.g. ``tokenizer.batch_decode`` without special
-            tokens).
-        length_stopped: optional P lists of G flags, True where the engine stopped a sample
-            at a length limit (such a sample is truncated even when it is shorter than
-            ``max_new_tokens``, e.g. cut by the context length).
-
-    Returns:
-        B = P·G rows in prompt order, each prompt's G samples together: ``group_ids [B]``
-        ``[0]*G + [1]*G + ...``, ``truncated [B]`` (no end token and a length limit hit),
-        ``scores [B]`` and ``rewards [B]`` zero, ``loss_rows [B]`` all True.
-    """
-    n = len(prompts)
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    for name, seq in (("answers", answers), ("prompt_ids", prompt_ids), ("responses", responses)):
-        if len(seq) != n:
-            raise ValueError(f"prompts has {n} items but {name} has {len(seq)}")
-    if length_stopped is not None and len(length_stopped) != n:
-        raise ValueError(f"prompts has {n} items but length_stopped has {len(length_stopped)}")
-    prompt_rows: list[list[int]] = []
-    response_rows: list[list[int]] = []
-    truncated: list[bool] = []
-    for i, samples in enumerate(responses):
-        if len(samples) != group_size:
-            raise ValueError(
-                f"prompt {i} has {len(samples)} responses, expected group_size={group_size}"
-            )
-        for j, sample in enumerate(samples):
-            toks = [int(t) for t in sample]
-            if eos_token_id is not None and eos_token_id in toks:
-                toks = toks[: toks.index(eos_token_id) + 1]
-                cut = False
-            else:
-                stopped = bool(length_stopped[i][j]) if length_stopped is not None else False
-                cut = stopped or len(toks) >= max_new_tokens
-            prompt_rows.append([int(t) for t in prompt_ids[i]])
-            response_rows.append(toks)
-            truncated.append(cut)
-    b = len(response_rows)
-    return Batch(
-        prompt_ids=prompt_rows,
-        response_ids=response_rows,
-        group_ids=torch.arange(n).repeat_interleave(group_size),
-        scores=torch.zeros(b),
-        rewards=torch.zeros(b),
-        truncated=torch.tensor(truncated, dtype=torch.bool),
-        loss_rows=torch.ones(b, dtype=torch.bool),
-        texts=list(decode(response_rows)) if b else [],
-        answers=[a for a in answers for _ in range(group_size)],
-        prompts=[p for p in prompts for _ in range(group_size)],
-    )
 
 
 def vllm_weight_name(name: str) -> str:
@@ -233,7 +158,7 @@ class VLLMRollout:
     def from_config(cls, cfg: TrainConfig, tokenizer: Any, device: torch.device) -> VLLMRollout:
         """The engine ``qae train`` builds for ``cfg`` (``rollout.vllm_*``, ``trainer.seed``)
         next to a training model on ``device``."""
-        from qae.config import BUILTIN
+        from qae.tasks.builtin import builtin_task, is_builtin
 
         if torch.device(device).type != "cuda":
             raise ValueError(
@@ -241,10 +166,8 @@ class VLLMRollout:
                 f"got model.device={cfg.model.device!r} (resolved to {device})"
             )
         path = cfg.model.path
-        if path == BUILTIN:
-            from qae.tasks import tiny_model_path
-
-            path = str(tiny_model_path())
+        if is_builtin(path):
+            path = str(builtin_task(path, field="model.path").model_path())
         r = cfg.rollout
         return cls(
             path,
