@@ -76,6 +76,24 @@ def test_expand_grid_seeds_steps_and_overrides(tmp_path: Path) -> None:
         expand_grid(grid, [1, 1], steps=5, out=tmp_path)
 
 
+def test_grid_on_a_base_preset(tmp_path: Path) -> None:
+    # the clip-high grid's mini_batches=4 equals the reasoning preset's own: no conflict,
+    # and every run starts from the preset, not from the embedded default
+    specs = expand_grid(load_grid("clip-high"), [0], steps=3, out=tmp_path, base="reasoning")
+    cfgs = [build_config(s) for s in specs]
+    assert {c.model.path for c in cfgs} == {"builtin:reasoning"}
+    assert [c.loss.clip_high for c in cfgs] == [0.2, 0.28, 0.35]
+    assert {(c.rollout.backend, c.trainer.old_logprobs) for c in cfgs} == {("sampler", "sampler")}
+    spec = json.loads(json.dumps(specs[0].__dict__))  # what the worker process reads back
+    assert build_config(RunSpec(**spec)).model.path == "builtin:reasoning"
+    # an entry equal to the base preset is deduplicated against it, not against the default
+    grid = [("a", {"optim.lr": 3e-4}), ("b", {})]
+    assert [n for n, _ in dedup_grid(grid, "reasoning")] == ["a"]
+    assert [n for n, _ in dedup_grid(grid)] == ["a", "b"]
+    with pytest.raises(ValueError, match="neither a preset"):
+        expand_grid(grid, [0], steps=3, out=tmp_path, base="nope")
+
+
 def test_grid_file_and_unknown_grid(tmp_path: Path) -> None:
     path = tmp_path / "grid.yaml"
     path.write_text("low:\n  kcontrol.k: 0.2\nmean:\n  algo.estimator: grpo\n")

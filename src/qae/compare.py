@@ -1,7 +1,9 @@
 """``qae compare``: a grid of trainer configurations over seeds, run in parallel processes.
 
-A grid is a list of named configurations, each a set of dotted overrides on the embedded
-default (``TrainConfig()``). Every (configuration, seed) pair gets its own run directory
+A grid is a list of named configurations, each a set of dotted overrides on a base
+configuration: the embedded default (``TrainConfig()``), or a preset or YAML file given as
+``--config`` (``qae compare --config reasoning`` runs the grid on the reasoning testbed).
+Every (configuration, seed) pair gets its own run directory
 ``OUT/<name>/seed<seed>`` and its own process (``python -m qae.compare run-one``), so a
 crash, a kill or an out-of-memory in one run leaves the others alone. At most ``parallel``
 processes run at once, each with ``max(1, cpu_count // parallel)`` torch threads.
@@ -35,6 +37,7 @@ __all__ = [
     "STABILITY_LRS",
     "WORKER",
     "add_compare_parser",
+    "base_config",
     "build_config",
     "cpu_count",
     "dedup_grid",
@@ -117,11 +120,18 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _canonical(overrides: Mapping[str, Any]) -> tuple:
-    from qae.config import TrainConfig
+def base_config(base: str = ""):
+    """The configuration a grid's overrides apply to: ``TrainConfig()`` for an empty
+    ``base``, else the preset or YAML file it names."""
+    from qae.config import TrainConfig, load_preset
+
+    return load_preset(base) if base else TrainConfig()
+
+
+def _canonical(overrides: Mapping[str, Any], base: str = "") -> tuple:
     from qae.configtools import apply_overrides, config_to_dict
 
-    cfg = apply_overrides(TrainConfig(), dict(overrides))
+    cfg = apply_overrides(base_config(base), dict(overrides))
     return tuple(sorted(_flat(config_to_dict(cfg)).items(), key=lambda kv: kv[0]))
 
 
@@ -135,7 +145,7 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def dedup_grid(grid: Sequence[tuple[str, Mapping[str, Any]]]) -> Grid:
+def dedup_grid(grid: Sequence[tuple[str, Mapping[str, Any]]], base: str = "") -> Grid:
     """Drop entries whose resolved config equals an earlier one (the first name wins).
 
     Two entries are the same when the full config trees they produce are equal, so
@@ -146,7 +156,7 @@ def dedup_grid(grid: Sequence[tuple[str, Mapping[str, Any]]]) -> Grid:
     names: set[str] = set()
     out: Grid = []
     for name, overrides in grid:
-        key = _canonical(overrides)
+        key = _canonical(overrides, base)
         if key in seen:
             continue
         if name in names:
@@ -188,6 +198,8 @@ class RunSpec:
     run_dir: str
     overrides: dict[str, Any]
     """Every override of the run, seed, steps and run directory included."""
+    base: str = ""
+    """The preset or YAML file the overrides apply to (empty: the embedded default)."""
 
     @property
     def steps(self) -> int:
@@ -206,19 +218,21 @@ def expand_grid(
     out: str | os.PathLike,
     extra: Mapping[str, Any] | None = None,
     threads: int = 1,
+    base: str = "",
 ) -> list[RunSpec]:
     """One :class:`RunSpec` per (deduplicated configuration, seed), seed-major order.
 
     ``trainer.seed`` and ``data.seed`` are both the seed; ``extra`` overrides apply to every
     run after the grid's own (so ``--set`` wins); ``threads`` is the torch thread count
     unless ``extra`` sets ``trainer.threads``. Run directories are ``out/<name>/seed<s>``.
+    ``base`` names the preset or YAML file every run starts from (empty: the default).
     """
     if not seeds:
         raise ValueError("seeds must list at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     specs = []
-    entries = dedup_grid(grid)
+    entries = dedup_grid(grid, base)
     for seed in seeds:
         for name, overrides in entries:
             run_dir = str(Path(out) / name / f"seed{seed}")
@@ -232,16 +246,15 @@ def expand_grid(
                 **dict(extra or {}),
                 "log.out": run_dir,
             }
-            specs.append(RunSpec(name, int(seed), run_dir, full))
+            specs.append(RunSpec(name, int(seed), run_dir, full, base))
     return specs
 
 
 def build_config(spec: RunSpec):
-    """The run's :class:`~qae.config.TrainConfig`: the embedded default plus its overrides."""
-    from qae.config import TrainConfig
+    """The run's :class:`~qae.config.TrainConfig`: its base plus its overrides."""
     from qae.configtools import apply_overrides
 
-    return apply_overrides(TrainConfig(), spec.overrides)
+    return apply_overrides(base_config(spec.base), spec.overrides)
 
 
 def run_status(run_dir: str | os.PathLike, steps: int) -> str:
@@ -575,17 +588,21 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     threads = max(1, cpu_count() // parallel)
     extra = _parse_set(args.set)
-    specs = expand_grid(grid, seeds, steps=args.steps, out=args.out, extra=extra, threads=threads)
+    specs = expand_grid(
+        grid, seeds, steps=args.steps, out=args.out, extra=extra, threads=threads, base=args.config
+    )
     for spec in specs:  # fail on a bad override before any process starts
         build_config(spec)
     names = list(dict.fromkeys(s.name for s in specs))
     print(
         f"qae compare: {len(names)} configurations ({', '.join(names)}) x {len(seeds)} seeds, "
-        f"{args.steps} steps, {parallel} in parallel with {threads} thread(s) each -> {args.out}",
+        f"{args.steps} steps, {parallel} in parallel with {threads} thread(s) each, on "
+        f"{args.config or 'the embedded default'} -> {args.out}",
         flush=True,
     )
     meta = {
         "grid": args.grid,
+        "config": args.config,
         "steps": args.steps,
         "set": extra,
         "command": " ".join(["qae", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "",
@@ -607,12 +624,19 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         "compare",
         help="run a grid of trainer configurations over seeds, in parallel, resumable",
         description="Run every configuration of a grid at every seed on the embedded default "
-        "(built-in task and tiny model), each run in its own process, at most --parallel at "
-        "once. Re-running the same command skips finished runs and resumes unfinished ones. "
+        "(built-in task and tiny model) or on the preset --config names, each run in its own "
+        "process, at most --parallel at once. Re-running the same command skips finished runs "
+        "and resumes unfinished ones. "
         f"Grid presets: {'; '.join(f'{n}: ' + ', '.join(x for x, _ in dedup_grid(g)) for n, g in GRIDS.items())}.",  # noqa: E501
     )
     p.add_argument(
         "--grid", default="default", help="grid preset name or YAML file {name: {key: value}}"
+    )
+    p.add_argument(
+        "--config",
+        default="",
+        help="preset name or YAML file every run starts from (default: the embedded default; "
+        "reasoning: the reasoning testbed)",
     )
     p.add_argument(
         "--seeds", default="3", help="number of seeds (0..N-1) or a comma-separated list"
