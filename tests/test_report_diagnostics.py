@@ -238,13 +238,19 @@ def test_ablation_grid_expands(tmp_path: Path) -> None:
 def test_clip_high_grid_expands_off_policy(tmp_path: Path) -> None:
     grid = load_grid("clip-high")
     assert [n for n, _ in dedup_grid(grid)] == [
-        "qae-k0.4-clip0.2", "qae-k0.4-clip0.28", "qae-k0.4-clip0.35"
+        "qae-k0.4-clip0.2", "dapo-mean-clip0.2",
+        "qae-k0.4-clip0.28", "dapo-mean-clip0.28",
+        "qae-k0.4-clip0.35", "dapo-mean-clip0.35",
     ]  # fmt: skip
     specs = expand_grid(grid, [0, 1], steps=5, out=tmp_path)
-    assert len(specs) == 6
-    cfgs = [build_config(s) for s in specs]
-    assert sorted({c.loss.clip_high for c in cfgs}) == [0.2, 0.28, 0.35]
+    assert len(specs) == 12
+    cfgs = {s.name: build_config(s) for s in specs}
+    assert sorted({c.loss.clip_high for c in cfgs.values()}) == [0.2, 0.28, 0.35]
     # one on-policy update per step would keep the ratio at 1 and the clip idle
-    assert all(c.trainer.mini_batches == 4 for c in cfgs)
-    assert all(c.algo.estimator == "qae" and c.kcontrol.k == 0.4 for c in cfgs)
+    assert all(c.trainer.mini_batches == 4 for c in cfgs.values())
+    for name, c in cfgs.items():
+        if name.startswith("qae"):
+            assert c.algo.estimator == "qae" and c.kcontrol.k == 0.4
+        else:
+            assert c.algo.estimator == "grpo"
     assert {"ablation", "clip-high"} <= set(GRIDS)

@@ -89,16 +89,20 @@ advantages, easy groups their negative ones)."""
 
 CLIP_HIGH: Grid = [
     (
-        f"qae-k0.4-clip{c:g}",
-        {"algo.estimator": "qae", **_K04, "loss.clip_high": c, "trainer.mini_batches": 4},
+        f"{name}-clip{c:g}",
+        {**overrides, "loss.clip_high": c, "trainer.mini_batches": 4},
     )
     for c in (0.2, 0.28, 0.35)
+    for name, overrides in (
+        ("qae-k0.4", {"algo.estimator": "qae", **_K04}),
+        ("dapo-mean", {"algo.estimator": "grpo"}),
+    )
 ]
-"""QAE at K=0.4 with the upper clip ``loss.clip_high`` at 0.2 / 0.28 / 0.35. With one
-on-policy update per step the importance ratio is exactly 1 and no clip ever acts, so
-every entry splits each step's batch into ``trainer.mini_batches 4`` optimizer updates: from
-the second mini-batch on the policy has moved, the ratio leaves 1 and the clip can bind
-(see ``train/clipfrac_high``)."""
+"""QAE at K=0.4 and the mean baseline with the upper clip ``loss.clip_high`` at 0.2 (no
+Clip-Higher), 0.28 (DAPO's) and 0.35. With one on-policy update per step the importance
+ratio is exactly 1 and no clip ever acts, so every entry splits each step's batch into
+``trainer.mini_batches 4`` optimizer updates: from the second mini-batch on the policy has
+moved, the ratio leaves 1 and the clip can bind (see ``train/clipfrac_high``)."""
 
 
 GRIDS: dict[str, Grid] = {
