@@ -75,9 +75,11 @@ def test_answer_line(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
-def test_box_wins_over_answer_line_and_fallbacks() -> None:
-    assert extract_answer("\\boxed{3}\nAnswer: 4") == "3"
-    assert extract_answer("we get 12 apples, then 15") is None
+def test_last_marked_answer_wins_and_fallbacks() -> None:
+    assert extract_answer("\\boxed{3}\nAnswer: 4") == "4"  # the answer stated last wins
+    assert extract_answer("Answer: 4\nchecking again, \\boxed{3}") == "3"
+    assert extract_answer("we get 12 apples, then 15") == "15"  # default: last_math
+    assert extract_answer("we get 12 apples, then 15", fallback="none") is None
     assert extract_answer("we get 12 apples, then 1,500", fallback="last_number") == "1500"
     assert extract_answer("x", fallback=lambda t: "custom") == "custom"
     with pytest.raises(ValueError, match="fallback"):
@@ -165,7 +167,7 @@ def test_normalize_answer_is_idempotent(text: str) -> None:
         ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
         ("\\boxed{28}", 27.0, 0.0),
         ("\\boxed{1-1/e}", "1-\\frac{1}{e}", 1.0),
-        ("the result is 27", 27, 0.0),  # no box, no Answer line: no answer by default
+        ("the result is 27", 27, 1.0),  # nothing marked: the last math, as math-verify
         ("", "1", 0.0),
         ("\\boxed{1}", "", 0.0),
     ],
@@ -176,6 +178,11 @@ def test_math_score(response: str, truth: object, expected: float) -> None:
 
 def test_math_score_fallback() -> None:
     assert math_score("the result is 27", 27, fallback="last_number") == 1.0
+    assert math_score("the result is 27", 27, fallback="none") == 0.0
+    assert get_reward("math_anchored")("the result is 27", 27) == 0.0
+    assert get_reward("math_anchored")("the answer is 27", 27) == 1.0
+    with pytest.raises(ValueError, match="fallback"):
+        math_score("27", 27, fallback="first_number")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

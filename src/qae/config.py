@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 
-
 def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(section, name)
@@ -103,8 +102,19 @@ class DataConfig:
     seed: int = 0
     """Seed of the training prompt order (epochs are reshuffled with seed + epoch)."""
 
+    reward_fail_steps: int = 5
+    """Stop the run with an error naming the reward function once it has failed (raised,
+    returned a non-number, timed out) on every response of this many consecutive steps;
+    0 never stops. A failure on some responses scores them 0 and is counted in
+    ``reward/errors`` and ``reward/timeouts``."""
+
     def __post_init__(self) -> None:
-        _positive(self, "val_size", allow_zero=True)
+        _positive(self, "val_size", "reward_fail_steps", allow_zero=True)
+        if not isinstance(self.reward_fail_steps, int) or isinstance(self.reward_fail_steps, bool):
+            raise ValueError(
+                f"reward_fail_steps must be an integer >= 0, got "
+                f"reward_fail_steps={self.reward_fail_steps!r}"
+            )
 
 
 @dataclass
@@ -193,9 +203,7 @@ class RolloutConfig:
                 f"overlong must be penalty, mask or none, got overlong={self.overlong!r}"
             )
         if self.backend not in ("hf", "sampler", "vllm"):
-            raise ValueError(
-                f"backend must be hf, sampler or vllm, got backend={self.backend!r}"
-            )
+            raise ValueError(f"backend must be hf, sampler or vllm, got backend={self.backend!r}")
         if self.vllm_gpu_memory_utilization > 1:
             raise ValueError(
                 "vllm_gpu_memory_utilization must be in (0, 1], got "
@@ -335,8 +343,7 @@ class TrainerConfig:
         _positive(self, "threads", "diagnostics_every", allow_zero=True)
         if self.old_logprobs not in ("recompute", "sampler"):
             raise ValueError(
-                "old_logprobs must be recompute or sampler, "
-                f"got old_logprobs={self.old_logprobs!r}"
+                f"old_logprobs must be recompute or sampler, got old_logprobs={self.old_logprobs!r}"
             )
 
 

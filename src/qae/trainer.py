@@ -154,13 +154,16 @@ class TaskData:
     reward: Callable[[str, Any], float | None]
     max_new_tokens: int
     format_prompt: Callable[[PromptRecord], str]
+    reward_streak: Any = None
+    """A :class:`qae.rewards.FailureStreak`: steps in a row whose reward failed on every
+    response (the run stops at ``data.reward_fail_steps``)."""
 
 
 def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     """Training stream, validation records, reward function and prompt formatter."""
     from qae.data import load_prompts
     from qae.evaluation import build_prompt
-    from qae.rewards import get_reward
+    from qae.rewards import FailureStreak, get_reward, reward_name
     from qae.tasks.builtin import builtin_records, builtin_task, is_builtin, task_record
 
     d = cfg.data
@@ -186,10 +189,10 @@ def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
         val = []
     if d.val_size:
         val = val[: d.val_size]
-    reward_name = d.reward
-    if reward_name == "auto":
-        reward_name = task.reward if task is not None else "math"
-    reward = get_reward(reward_name)
+    chosen = d.reward
+    if chosen == "auto":
+        chosen = task.reward if task is not None else "math"
+    reward = get_reward(chosen)
     if getattr(tokenizer, "chat_template", None) is None and d.template != "raw":
         warnings.warn(
             f"the tokenizer has no chat template: data.template={d.template!r} is applied "
@@ -200,7 +203,8 @@ def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     def fmt(record: PromptRecord) -> str:
         return build_prompt(record, tokenizer, d.template)[0]
 
-    return TaskData(train, val, reward, max_new, fmt)
+    streak = FailureStreak(d.reward_fail_steps, reward_name(reward))
+    return TaskData(train, val, reward, max_new, fmt, streak)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -230,12 +234,32 @@ def seed_everything(seed: int) -> None:
 # Rollout phase
 
 
-def score_batch(batch: Batch, reward: Callable[[str, Any], float | None]) -> Batch:
-    """Verifier scores into ``scores`` and ``rewards`` (None -> NaN, failures -> 0)."""
-    from qae.rewards import score_batch as score_many
+def score_batch(
+    batch: Batch,
+    reward: Callable[[str, Any], float | None],
+    stats: dict[str, Any] | None = None,
+) -> Batch:
+    """Verifier scores into ``scores`` and ``rewards`` (None -> NaN, failures -> 0).
 
-    raw = score_many(reward, batch.texts, batch.answers)
-    scores = torch.tensor([math.nan if s is None else float(s) for s in raw])
+    ``stats``, when given, adds up what scoring went through: ``scored`` responses,
+    ``errors`` (the function raised, returned a non-number or killed its worker),
+    ``timeouts``, ``unscorable`` (None) and the first failure's message as ``example``.
+    """
+    from qae.rewards import score_report
+
+    report = score_report(reward, batch.texts, batch.answers)
+    if stats is not None:
+        counts = {
+            "scored": len(report.scores),
+            "errors": report.errors + report.crashed,
+            "timeouts": report.timeouts,
+            "unscorable": report.unscorable,
+        }
+        for key, n in counts.items():
+            stats[key] = stats.get(key, 0) + n
+        if report.example is not None:
+            stats.setdefault("example", report.example)
+    scores = torch.tensor([math.nan if s is None else float(s) for s in report.scores])
     return batch.with_(scores=scores, rewards=scores.clone())
 
 
@@ -249,7 +273,9 @@ def collect_rollouts(
     """Sample, score and (with dynamic sampling) filter until the step's batch is full.
 
     ``engine`` (``rollout.backend=vllm``: a :class:`qae.vllm_rollout.VLLMRollout`) samples
-    instead of ``generate``, after taking the model's current weights.
+    instead of ``generate``, after taking the model's current weights. Raises
+    :class:`qae.rewards.RewardFailure` once the reward function has failed on every
+    response of ``data.reward_fail_steps`` steps in a row.
     """
     r = cfg.rollout
     t_sync = 0.0
@@ -262,6 +288,7 @@ def collect_rollouts(
     score_sum = scored = 0.0
     ent_sum = ent_tokens = 0.0  # sampling entropy of every generated response
     t_gen = t_score = 0.0
+    reward_stats: dict[str, Any] = {}
     while rounds < r.max_gen_batches:
         records = data.train.take(r.prompts_per_step)
         t0 = time.perf_counter()
@@ -294,7 +321,7 @@ def collect_rollouts(
                 **sampling,
             )
         t1 = time.perf_counter()
-        batch = score_batch(batch, data.reward)
+        batch = score_batch(batch, data.reward, reward_stats)
         t_score += time.perf_counter() - t1
         t_gen += t1 - t0
         rounds += 1
@@ -311,12 +338,20 @@ def collect_rollouts(
         groups += batch.num_groups
         if groups >= r.prompts_per_step or not r.dynamic_sampling:
             break
+    if data.reward_streak is not None:  # lives across steps, with the reward function
+        failed = reward_stats.get("errors", 0) + reward_stats.get("timeouts", 0)
+        data.reward_streak.update(
+            reward_stats.get("scored", 0), failed, reward_stats.get("example")
+        )
     batch = take_groups(concat_batches(kept), r.prompts_per_step)
     info = {
         "rollout/gen_rounds": rounds,
         "rollout/generated": generated,
         "rollout/groups_kept": batch.num_groups,
         "rollout/accuracy_all": score_sum / scored if scored else 0.0,
+        "reward/errors": reward_stats.get("errors", 0),
+        "reward/timeouts": reward_stats.get("timeouts", 0),
+        "reward/unscorable": reward_stats.get("unscorable", 0),
         "time/generate": t_gen,
         "time/score": t_score,
     }

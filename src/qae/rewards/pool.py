@@ -23,12 +23,13 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -141,14 +142,31 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
 # Parent side
 
 
-@dataclass
+@dataclass(eq=False)
+class _Call:
+    """One :meth:`ScoringPool.map` call: its function, its items and their outcomes."""
+
+    key: str
+    payload: bytes
+    fn: object
+    items: list[tuple]
+    timeout: float
+    results: list[tuple[str, Any] | None]
+    pending: dict[Hashable, deque[int]]  # waiting items by affinity group
+    left: int
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
 class _Worker:
     process: Any
     conn: Connection
     ready: bool = False
     loaded: set[str] = field(default_factory=set)
     loading: str | None = None
-    item: int | None = None
+    task: tuple[_Call, int] | None = None
+    group: tuple[_Call, Hashable] | None = None  # the affinity group it served last
     deadline: float = 0.0
 
 
@@ -182,8 +200,10 @@ class ScoringPool:
             the main module: guard scripts with ``if __name__ == "__main__":``).
         grace: seconds past ``timeout`` before a silent worker is killed.
 
-    :meth:`map` is thread-safe (calls are serialised). A worker that hangs or dies is replaced;
-    its item gets the status ``"timeout"`` or ``"crashed"``. ``stats`` counts those events.
+    :meth:`map` is thread-safe and serves concurrent callers together: one dispatcher thread
+    hands items to idle workers, taking turns between the calls in progress, so a short call
+    is not queued behind a long one. A worker that hangs or dies is replaced; its item gets
+    the status ``"timeout"`` or ``"crashed"``. ``stats`` counts those events.
     """
 
     def __init__(
@@ -195,10 +215,20 @@ class ScoringPool:
         self.grace = float(grace)
         self.stats: Counter[str] = Counter()
         self._ctx = _context(start_method)
-        self._lock = threading.Lock()
-        self._workers: list[_Worker] = []
-        self._pid = os.getpid()
         self._closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh dispatcher state (also in a child process that inherited the pool by fork)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._calls: list[_Call] = []
+        self._turn = 0
+        self._workers: list[_Worker] = []
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
 
     # -- worker lifecycle ----------------------------------------------------------------
 
@@ -226,26 +256,23 @@ class ScoringPool:
         self._kill(worker)
         self._workers[self._workers.index(worker)] = self._spawn()
 
-    def _ensure_workers(self) -> None:
-        if self._closed:
-            raise RuntimeError("ScoringPool is closed")
-        if os.getpid() != self._pid:  # inherited through fork: the workers belong to the parent
-            self._workers, self._pid = [], os.getpid()
-        while len(self._workers) < self.size:
-            self._workers.append(self._spawn())
-
     def close(self) -> None:
-        """Stop every worker (politely, then by force)."""
+        """Stop every worker (politely, then by force); calls in progress raise."""
         with self._lock:
             self._closed = True
-            for w in self._workers:
-                with contextlib.suppress(Exception):
-                    w.conn.send(("stop",))
-            for w in self._workers:
-                with contextlib.suppress(Exception):
-                    w.process.join(timeout=1)
-                self._kill(w)
-            self._workers = []
+            self._fail(lambda call: True, RuntimeError("ScoringPool is closed"))
+            thread = self._thread
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+        for w in self._workers:
+            with contextlib.suppress(Exception):
+                w.conn.send(("stop",))
+        for w in self._workers:
+            with contextlib.suppress(Exception):
+                w.process.join(timeout=1)
+            self._kill(w)
+        self._workers = []
 
     def __enter__(self) -> ScoringPool:
         return self
@@ -253,7 +280,7 @@ class ScoringPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- mapping ---------------------------------------------------------------------------
+    # -- callers ---------------------------------------------------------------------------
 
     def map(
         self,
@@ -261,12 +288,16 @@ class ScoringPool:
         arg_tuples: Sequence[tuple],
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        groups: Sequence[Hashable] | None = None,
     ) -> list[tuple[str, Any]]:
         """Run ``fn(*args)`` for every tuple; returns ``(status, value)`` in input order.
 
         ``status`` is ``"ok"`` (``value`` is the return value), ``"error"`` (the function
         raised; ``value`` is the message), ``"timeout"`` or ``"crashed"`` (``value`` None).
         Each item finishes within about ``timeout + grace`` seconds of reaching a worker.
+        ``groups[i]`` (optional) is item ``i``'s affinity: a worker keeps taking items of the
+        group it served last, and workers start on different groups, so that what a group
+        shares (a ground truth to parse) is done by one worker.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got timeout={timeout!r}")
@@ -277,59 +308,126 @@ class ScoringPool:
                 f"reward function {fn!r} cannot be sent to worker processes ({err}); "
                 "define it at module level, or score in-process with workers=0"
             ) from None
+        items = list(arg_tuples)
+        if not items:
+            return []
+        if groups is not None and len(groups) != len(items):
+            raise ValueError(
+                f"groups must give one group per item, got {len(groups)} for {len(items)}"
+            )
+        pending: dict[Hashable, deque[int]] = {}
+        for i, g in enumerate(groups if groups is not None else [None] * len(items)):
+            pending.setdefault(g, deque()).append(i)
         key = hashlib.sha1(payload).hexdigest()
+        n = len(items)
+        call = _Call(key, payload, fn, items, float(timeout), [None] * n, pending, n)
+        if os.getpid() != self._pid:  # inherited through fork: the workers are the parent's
+            self._reset()
         with self._lock:
-            self._ensure_workers()
-            try:
-                return self._run(key, payload, fn, list(arg_tuples), float(timeout))
-            except BaseException:
-                # Answers still in flight would be read by the next call: drop those workers.
-                for w in list(self._workers):
-                    if w.item is not None or w.loading is not None:
-                        self._replace(w)
-                raise
+            if self._closed:
+                raise RuntimeError("ScoringPool is closed")
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="qae-scoring", daemon=True)
+                self._thread.start()
+            self._calls.append(call)
+        self._wake()
+        try:
+            while not call.done.wait(0.5):
+                pass
+        except BaseException:  # interrupted: the dispatcher drops the call's items
+            with self._lock:
+                self._fail(lambda c: c is call, RuntimeError("cancelled"))
+            raise
+        if call.error is not None:
+            raise call.error
+        return [r if r is not None else ("crashed", None) for r in call.results]
 
-    def _run(
-        self, key: str, payload: bytes, fn: object, items: list[tuple], timeout: float
-    ) -> list[tuple[str, Any]]:
-        results: list[tuple[str, Any] | None] = [None] * len(items)
-        pending = deque(range(len(items)))
-        done = 0
-        while done < len(items):
-            now = time.monotonic()
-            for w in list(self._workers):
-                if not w.ready or w.loading is not None or w.item is not None:
-                    continue
-                try:
-                    if key not in w.loaded:
-                        w.conn.send(("load", key, payload))
-                        w.loading, w.deadline = key, now + LOAD_TIMEOUT
-                    elif pending:
-                        idx = pending.popleft()
-                        w.item, w.deadline = idx, now + timeout + self.grace
-                        w.conn.send(("call", key, items[idx], timeout))
-                except (OSError, ValueError):  # the worker died while idle: not the item's fault
-                    if w.item is not None:
-                        pending.appendleft(w.item)
-                    self.stats["crashed"] += 1
-                    self._replace(w)
-            busy = [w for w in self._workers if not w.ready or w.loading or w.item is not None]
-            if not busy:
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full buffer already means "wake up"
+            self._wake_w.send(b"\0")
+
+    # -- dispatcher (one thread; the only one that touches workers) ------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    while len(self._workers) < self.size:
+                        self._workers.append(self._spawn())
+                    self._assign()
+                    busy = [w for w in self._workers if not w.ready or w.loading or w.task]
+                deadline = min((w.deadline for w in busy), default=None)
+                wait_for = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = set(wait([w.conn for w in busy] + [self._wake_r], timeout=wait_for))
+                with self._lock:
+                    if self._wake_r in ready:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    for w in busy:
+                        if w.conn in ready:
+                            self._receive(w)
+                        elif time.monotonic() >= w.deadline:
+                            self._lost(w, "timeout")
+        except BaseException as err:
+            with self._lock:
+                msg = f"the scoring pool's dispatcher failed: {type(err).__name__}: {err}"
+                self._fail(lambda call: True, RuntimeError(msg))
+
+    def _next_call(self) -> _Call | None:
+        """The next call with items waiting, taking turns between calls."""
+        n = len(self._calls)
+        for k in range(n):
+            call = self._calls[(self._turn + k) % n]
+            if call.pending:
+                self._turn = (self._turn + k + 1) % n
+                return call
+        return None
+
+    def _assign(self) -> None:
+        """Give every idle worker an item (after loading the item's function into it)."""
+        now = time.monotonic()
+        for w in list(self._workers):
+            if not w.ready or w.loading is not None or w.task is not None:
                 continue
-            wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready_conns = set(wait([w.conn for w in busy], timeout=wait_for))
-            for w in busy:
-                if w.conn in ready_conns:
-                    done += self._receive(w, results, fn)
-                elif time.monotonic() >= w.deadline:
-                    done += self._expire(w, results)
-        return [r if r is not None else ("crashed", None) for r in results]
+            call = self._next_call()
+            if call is None:
+                return
+            try:
+                if call.key not in w.loaded:
+                    w.conn.send(("load", call.key, call.payload))
+                    w.loading, w.deadline = call.key, now + LOAD_TIMEOUT
+                else:
+                    idx = self._take(call, w)
+                    w.task, w.deadline = (call, idx), now + call.timeout + self.grace
+                    w.conn.send(("call", call.key, call.items[idx], call.timeout))
+            except (OSError, ValueError):  # the worker died while idle: not the item's fault
+                if w.task is not None and w.group is not None:
+                    call.pending.setdefault(w.group[1], deque()).appendleft(w.task[1])
+                self.stats["crashed"] += 1
+                self._replace(w)
 
-    def _receive(self, w: _Worker, results: list, fn: object) -> int:
+    def _take(self, call: _Call, w: _Worker) -> int:
+        """The next item of ``call`` for ``w``: from the group ``w`` served last if it has
+        items left, else from the first group no other worker is on."""
+        group = w.group[1] if w.group is not None and w.group[0] is call else None
+        if group not in call.pending:
+            claimed = {x.group[1] for x in self._workers if x.group and x.group[0] is call}
+            group = next((g for g in call.pending if g not in claimed), next(iter(call.pending)))
+        queue = call.pending[group]
+        idx = queue.popleft()
+        if not queue:
+            del call.pending[group]
+        w.group = (call, group)
+        return idx
+
+    def _receive(self, w: _Worker) -> None:
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):
-            return self._lost(w, results, "crashed")
+            self._lost(w, "crashed")
+            return
         kind = msg[0]
         if kind == "ready":
             w.ready = True
@@ -337,37 +435,54 @@ class ScoringPool:
             w.loaded.add(msg[1])
             w.loading = None
         elif kind == "load_error":
+            key = w.loading
             self._replace(w)
-            raise ValueError(
-                f"reward function {fn!r} cannot be loaded in a worker process ({msg[2]}); "
-                "define it in an importable module, or score in-process with workers=0"
+            self._fail(
+                lambda call: call.key == key,
+                ValueError(
+                    f"the reward function cannot be loaded in a worker process ({msg[2]}); "
+                    "define it in an importable module, or score in-process with workers=0"
+                ),
             )
         elif kind == "result":
             _, status, value = msg
             if status != "ok":
                 self.stats[status] += 1
-            results[w.item] = (status, value)
-            w.item = None
-            return 1
-        return 0
+            call, idx = w.task
+            w.task = None
+            self._settle(call, idx, (status, value))
 
-    def _expire(self, w: _Worker, results: list) -> int:
-        return self._lost(w, results, "timeout")
+    def _settle(self, call: _Call, idx: int, outcome: tuple[str, Any]) -> None:
+        if call.done.is_set():  # failed or cancelled meanwhile
+            return
+        call.results[idx] = outcome
+        call.left -= 1
+        if call.left == 0:
+            self._calls.remove(call)
+            call.done.set()
 
-    def _lost(self, w: _Worker, results: list, status: str) -> int:
+    def _fail(self, which: Callable[[_Call], bool], error: BaseException) -> None:
+        """End the calls ``which`` selects with ``error`` (their remaining items are dropped)."""
+        for call in [c for c in self._calls if which(c)]:
+            call.error = error
+            self._calls.remove(call)
+            call.done.set()
+
+    def _lost(self, w: _Worker, status: str) -> None:
         """A worker died or overran: its item (if any) gets ``status``; the worker is replaced."""
         self.stats[status] += 1
-        item, loading = w.item, w.loading
+        task, loading, pid = w.task, w.loading, w.process.pid
         self._replace(w)
         if loading is not None:
-            raise RuntimeError(
-                f"a scoring worker {'died' if status == 'crashed' else 'hung'} while loading "
-                f"the reward function (pid {w.process.pid})"
+            state = "died" if status == "crashed" else "hung"
+            self._fail(
+                lambda call: call.key == loading,
+                RuntimeError(
+                    f"a scoring worker {state} while loading the reward function (pid {pid})"
+                ),
             )
-        if item is None:
-            return 0
-        results[item] = (status, None)
-        return 1
+        if task is not None:
+            self._settle(task[0], task[1], (status, None))
 
 
 _shared: dict[int, ScoringPool] = {}
