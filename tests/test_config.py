@@ -108,3 +108,12 @@ def test_yaml_errors(tmp_path):
         load_yaml_config(TrainConfig, unknown)
     with pytest.raises(ValueError, match="neither a preset"):
         load_preset(str(tmp_path / "nope.yaml"))
+
+
+def test_arithmetic_preset_is_the_old_embedded_default():
+    """The arithmetic preset spells out every setting of the arithmetic task's regime."""
+    cfg = load_preset("arithmetic")
+    assert cfg.model.path == cfg.data.train == cfg.data.val == "builtin:arithmetic"
+    assert cfg.trainer.mini_batches == 1 and cfg.rollout.backend == "hf"
+    assert cfg.trainer.old_logprobs == "recompute" and cfg.optim.lr == 1e-4
+    assert (cfg.eval.every, cfg.eval.n, cfg.eval.ks) == (100, 4, [1, 4])
