@@ -82,13 +82,13 @@ def test_grid_on_a_base_preset(tmp_path: Path) -> None:
     specs = expand_grid(load_grid("clip-high"), [0], steps=3, out=tmp_path, base="reasoning")
     cfgs = [build_config(s) for s in specs]
     assert {c.model.path for c in cfgs} == {"builtin:reasoning"}
-    assert [c.loss.clip_high for c in cfgs] == [0.2, 0.28, 0.35]
-    assert {(c.rollout.backend, c.trainer.old_logprobs) for c in cfgs} == {("sampler", "sampler")}
+    assert [c.loss.clip_high for c in cfgs] == [0.2, 0.2, 0.28, 0.28, 0.35, 0.35]
+    assert {(c.rollout.backend, c.trainer.old_logprobs) for c in cfgs} == {("sampler", "auto")}
     spec = json.loads(json.dumps(specs[0].__dict__))  # what the worker process reads back
     assert build_config(RunSpec(**spec)).model.path == "builtin:reasoning"
     # an entry equal to the base preset is deduplicated against it, not against the default
-    grid = [("a", {"optim.lr": 3e-4}), ("b", {})]
-    assert [n for n, _ in dedup_grid(grid, "reasoning")] == ["a"]
+    grid = [("a", {"optim.lr": 1e-4, "trainer.mini_batches": 1}), ("b", {})]
+    assert [n for n, _ in dedup_grid(grid, "arithmetic")] == ["a"]
     assert [n for n, _ in dedup_grid(grid)] == ["a", "b"]
     with pytest.raises(ValueError, match="neither a preset"):
         expand_grid(grid, [0], steps=3, out=tmp_path, base="nope")
@@ -123,8 +123,8 @@ def test_run_status(tmp_path: Path) -> None:
     assert run_status(tmp_path / "done", 6) == "partial"  # asked for more steps
     _fake_run(tmp_path / "logged", 5, 4)  # killed after logging step 5, before its checkpoint
     assert run_status(tmp_path / "logged", 5) == "partial"
-    _fake_run(tmp_path / "early", 1, None)
-    assert run_status(tmp_path / "early", 5) == "partial"
+    _fake_run(tmp_path / "early", 1, None)  # killed before its first checkpoint
+    assert run_status(tmp_path / "early", 5) == "stale"
 
 
 def test_render_progress_lists_every_run(tmp_path: Path) -> None:
@@ -203,6 +203,16 @@ def test_scheduler_bound_skip_resume_and_failure(tmp_path: Path) -> None:
     again = read_metrics(victim / "metrics.jsonl")
     assert [r["step"] for r in again] == [0, 1, 2, 3]
     assert [r["resumed"] for r in again] == [False, False, True, True]
+    # killed before its first checkpoint: nothing to resume, so it starts over (its old
+    # metrics kept aside), instead of failing on --resume
+    early = Path(specs[2].run_dir)
+    shutil.rmtree(early / "checkpoints")
+    (early / "metrics.jsonl").write_text(json.dumps({"step": 0, "resumed": False}) + "\n")
+    result = run_compare(specs, out, parallel=2, poll=0.05, worker=worker)
+    assert result.summary["runs"][2]["status"] == "done"
+    assert not result.summary["runs"][2]["resumed"]
+    assert [r["step"] for r in read_metrics(early / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert (early / "metrics.restarted.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -211,7 +221,9 @@ def test_compare_parallel_skip_and_resume(tmp_path: Path) -> None:
     one that was cut short after its step-1 checkpoint, which resumes; a broken run fails
     alone."""
     out = tmp_path / "cmp"
-    specs = expand_grid(load_grid("mean-vs-qae"), [0, 1], steps=2, out=out, extra=TINY)
+    specs = expand_grid(
+        load_grid("mean-vs-qae"), [0, 1], steps=2, out=out, extra=TINY, base="arithmetic"
+    )
     result = run_compare(specs, out, parallel=2, poll=0.2)
     summary = json.loads((out / "compare.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
@@ -233,7 +245,7 @@ def test_compare_parallel_skip_and_resume(tmp_path: Path) -> None:
     assert run_status(victim, 2) == "partial"
     broken = RunSpec("broken", 0, str(out / "broken" / "seed0"),
                      {**specs[0].overrides, "model.path": str(tmp_path / "missing-model"),
-                      "log.out": str(out / "broken" / "seed0")})  # fmt: skip
+                      "log.out": str(out / "broken" / "seed0")}, "arithmetic")  # fmt: skip
 
     result = run_compare([*specs, broken], out, parallel=2, poll=0.2)
     status = {r["label"]: r for r in result.summary["runs"]}

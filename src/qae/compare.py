@@ -262,8 +262,9 @@ def build_config(spec: RunSpec):
 
 
 def run_status(run_dir: str | os.PathLike, steps: int) -> str:
-    """``done`` (final step logged and checkpointed), ``partial`` (something to resume) or
-    ``new`` (nothing on disk)."""
+    """``done`` (final step logged and checkpointed), ``partial`` (a checkpoint to resume
+    from), ``stale`` (metrics but no checkpoint: killed before its first one, so it starts
+    over) or ``new`` (nothing on disk)."""
     from qae.runlog import Checkpointer
 
     run_dir = Path(run_dir)
@@ -273,9 +274,17 @@ def run_status(run_dir: str | os.PathLike, steps: int) -> str:
     ckpt_step = int(latest.name.split("_")[-1]) if latest is not None else -1
     if last_step >= steps and ckpt_step >= steps:
         return "done"
-    if rows or latest is not None:
+    if latest is not None:
         return "partial"
-    return "new"
+    return "stale" if rows else "new"
+
+
+def _set_aside_stale(run_dir: str | os.PathLike) -> None:
+    """Move the metrics of a run that never reached a checkpoint to
+    ``metrics.restarted.jsonl``, so that the run can start over in its directory."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        os.replace(metrics, metrics.with_name("metrics.restarted.jsonl"))
 
 
 # --------------------------------------------------------------------------------------
@@ -444,6 +453,8 @@ def run_compare(
         if status == "done":
             st.status = "skipped"
         else:
+            if status == "stale":
+                _set_aside_stale(st.spec.run_dir)
             st.resumed = status == "partial"
             queue.append(st)
     running: dict[int, tuple[RunState, subprocess.Popen]] = {}

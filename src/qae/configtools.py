@@ -202,13 +202,30 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what a YAML parse error is, in one line (``line 3, column 5: ...``)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return where + " ".join(str(problem).split())
+
+
 def load_yaml_config(cls: type, path: str | os.PathLike, base: Any = None) -> Any:
     """Build ``cls()`` (or update ``base``) from a YAML file of nested sections."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.start})"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ValueError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}"
+        ) from None
     if not isinstance(data, Mapping):
         kind = type(data).__name__
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {kind}")

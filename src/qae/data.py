@@ -121,8 +121,12 @@ def records_from_rows(
     problem_key: str | None = None,
     answer_key: str | None = None,
     id_key: str | None = None,
+    origin: str | None = None,
 ) -> list[PromptRecord]:
     """Turn dataset rows into :class:`PromptRecord` s (both schemas; see the module docs).
+
+    A row without a problem or an answer, or with an empty one (an empty answer can never
+    be matched), raises ``ValueError`` naming ``origin`` and the row.
 
     Args:
         rows: mappings, one per problem.
@@ -132,17 +136,22 @@ def records_from_rows(
         answer_key: field holding the answer, dotted paths allowed; default: ``answer``,
             ``ground_truth``, ..., or ``reward_model.ground_truth``.
         id_key: field holding an id; default ``id``/``idx``/... or the row's position.
+        origin: the file or dataset named in errors; default ``source``.
     """
+    where = origin or source
     records = []
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise ValueError(f"{source}: row {i} is not a mapping: {row!r:.100}")
-        problem = _pick(row, problem_key, PROBLEM_KEYS, "problem")
-        answer = _pick(row, answer_key, ANSWER_KEYS, "answer")
+            raise ValueError(f"{where}: row {i} is not a mapping: {row!r:.100}")
+        try:
+            problem = _pick(row, problem_key, PROBLEM_KEYS, "problem")
+            answer = _pick(row, answer_key, ANSWER_KEYS, "answer")
+        except ValueError as err:
+            raise ValueError(f"{where}: row {i}: {err}") from None
         if isinstance(answer, Mapping):  # verl: reward_model = {"ground_truth": ..., "style": ...}
             if "ground_truth" not in answer:
-                raise ValueError(f"{source}: row {i} answer field has no 'ground_truth': {answer}")
+                raise ValueError(f"{where}: row {i} answer field has no 'ground_truth': {answer}")
             answer = answer["ground_truth"]
         messages = None
         if _is_messages(problem):
@@ -150,17 +159,19 @@ def records_from_rows(
             users = [m["content"] for m in messages if m["role"] == "user"]
             problem = users[-1] if users else messages[-1]["content"]
         if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{where}: row {i} has an empty or non-text problem: {problem!r:.100}")
+        answer_text = ground_truth_text(answer) if answer is not None else ""
+        if not answer_text.strip():
             raise ValueError(
-                f"{source}: row {i} has an empty or non-text problem: {problem!r:.100}"
+                f"{where}: row {i} has an empty answer ({answer!r:.100}): no response could "
+                f"ever match it; fix or drop the row"
             )
         rid = _record_id(row, id_key, i)
         if rid in seen:
             rid = f"{rid}#{i}"
         seen.add(rid)
         meta = {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
-        records.append(
-            PromptRecord(rid, problem, ground_truth_text(answer), source, messages, meta)
-        )
+        records.append(PromptRecord(rid, problem, answer_text, source, messages, meta))
     return records
 
 
@@ -178,8 +189,14 @@ def _record_id(row: Mapping[str, Any], id_key: str | None, position: int) -> str
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -190,7 +207,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if isinstance(data, Mapping):  # {"data": [...]} or {split: [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -253,7 +275,7 @@ def load_prompts(
         raise ValueError(f"limit must be None or an integer >= 0, got limit={limit!r}")
     text = os.fspath(source)
     path = Path(text).expanduser()
-    name = text
+    name = origin = text
     if path.suffix.lower() in _READERS:
         if not path.is_file():
             raise ValueError(f"data file not found: {text!r}")
@@ -265,6 +287,7 @@ def load_prompts(
         found = next((p for p in local if p.is_file()), None)
         if found is not None:
             rows = _read_jsonl(found)
+            origin = str(found)
         else:
             rows = _read_hub(bench.hub_id, config=bench.config, split=split or bench.split)
     elif path.exists():
@@ -282,5 +305,10 @@ def load_prompts(
     if limit is not None:
         rows = rows[:limit]
     return records_from_rows(
-        rows, source=name, problem_key=problem_key, answer_key=answer_key, id_key=id_key
+        rows,
+        source=name,
+        problem_key=problem_key,
+        answer_key=answer_key,
+        id_key=id_key,
+        origin=origin,
     )
