@@ -390,6 +390,7 @@ def evaluate(
     _check_args(n, ks, temperature, top_p, batch_size)
     prompt_templates.get(template)
     reward_fn = get_reward(reward)
+    _check_bounds(model, tokenizer, records, template, max_new_tokens)
     config = {
         "n": n,
         "temperature": temperature,
@@ -453,6 +454,37 @@ def evaluate(
     if out is not None:
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2, sort_keys=True)
     return summary
+
+
+def _check_bounds(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[PromptRecord],
+    template: str,
+    max_new_tokens: int,
+) -> None:
+    """``max_new_tokens`` and every record's prompt must fit the model's context (a model
+    whose config names no context length is not checked)."""
+    from qae.bounds import check_prompt_lengths, check_response_budget, context_length
+
+    context = context_length(model)
+    if context is None:
+        return
+    budget = f"max_new_tokens={max_new_tokens}"
+    limit = check_response_budget(max_new_tokens, context, budget=budget)
+    rows: dict[str, int] = defaultdict(int)
+    for record in records:
+        row = rows[record.source]
+        rows[record.source] += 1
+        text, templated = build_prompt(record, tokenizer, template)
+        check_prompt_lengths(
+            [(f"{record.source} row {row} (id {record.id!r})", text)],
+            tokenizer,
+            limit=limit,
+            context=context,
+            budget=budget,
+            add_special_tokens=not templated,
+        )
 
 
 def _score_problems(
@@ -527,13 +559,33 @@ def _auto_settings(args: argparse.Namespace, sources: Sequence[str]) -> tuple[st
     return reward, template, max_new
 
 
+def _load_model(name: str, device: str, dtype: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model``: a local directory, a hub id or a built-in task's
+    base policy; one that cannot be loaded raises ``ValueError`` in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qae.tasks.builtin import builtin_task, is_builtin
+
+    path = str(builtin_task(name, field="--model").model_path()) if is_builtin(name) else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        shown = name if path == name else f"{name} ({path})"
+        raise ValueError(
+            f"--model {shown!r} could not be loaded as a causal LM (a local directory with "
+            f"config.json and weights, a hub id reachable from here, or builtin[:task]): {first}"
+        ) from None
+    return model.to(device), tokenizer
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     """``qae eval``: load the model and the data, evaluate, print the table."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qae.data import load_prompts
-    from qae.tasks.builtin import builtin_records, builtin_task, is_builtin
+    from qae.tasks.builtin import builtin_records, is_builtin
 
     records: list[PromptRecord] = []
     sources = [s.strip() for s in args.data.split(",") if s.strip()]
@@ -554,9 +606,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"--data {args.data!r} holds no problems")
     reward, template, max_new_tokens = _auto_settings(args, sources)
-    model_path = args.model
-    if is_builtin(model_path):
-        model_path = str(builtin_task(model_path, field="--model").model_path())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
         "auto": "auto",
@@ -564,8 +613,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[args.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model, tokenizer = _load_model(args.model, device, dtype)
     summary = evaluate(
         model,
         tokenizer,

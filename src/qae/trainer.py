@@ -40,10 +40,13 @@ from qae.config import TrainConfig
 from qae.configtools import config_to_dict, save_yaml_config
 from qae.data import PromptRecord
 from qae.entropy import entropy_change_predictor, masked_mean
+from qae.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller
+from qae.resume import resume_checkpoint
 from qae.rollout import Batch, concat_batches, generate_batch, sample_batch
-from qae.runlog import Checkpointer, MetricsLogger
+from qae.runlock import RunLock
+from qae.runlog import Checkpointer, MetricsLogger, remove_stale_temporaries
 from qae.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
 from qae.update import (
     active_rows,
@@ -290,7 +293,7 @@ def collect_rollouts(
     t_gen = t_score = 0.0
     reward_stats: dict[str, Any] = {}
     while rounds < r.max_gen_batches:
-        records = data.train.take(r.prompts_per_step)
+        records = data.train.take(r.prompts_per_round or r.prompts_per_step)
         t0 = time.perf_counter()
         prompts = [data.format_prompt(x) for x in records]
         answers = [x.answer for x in records]
@@ -435,16 +438,6 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load a checkpoint's safetensors shards into ``model`` (tied weights may be absent)."""
-    from safetensors.torch import load_file
-
-    state_dict: dict[str, torch.Tensor] = {}
-    for w in sorted(folder.glob("*.safetensors")):
-        state_dict.update(load_file(str(w)))
-    model.load_state_dict(state_dict, strict=False)
-
-
 def _state_dict(
     optimizer: Any, scheduler: Any, data: TaskData, kctrl: KController, history: RunHistory
 ) -> dict[str, Any]:
@@ -488,21 +481,17 @@ def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
     }
 
 
-def train(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Run the RL loop of ``cfg``; ``resume`` continues from the run's last checkpoint."""
-    run_dir = Path(cfg.log.out)
-    ckpt = Checkpointer(run_dir, cfg.log.keep_last)
-    latest = ckpt.latest() if resume else None
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        raise ValueError(
-            f"log.out={str(run_dir)!r} already holds a run; pass --resume to continue it "
-            f"or choose another directory"
-        )
+@dataclass
+class _Reached:
+    """How far a run got, for the message of a run that stops early."""
+
+    step: int = 0
+    checkpoint: int | None = None
+    looping: bool = False
+
+
+def _check_run_config(cfg: TrainConfig) -> None:
+    """Settings that only make sense together."""
     if cfg.rollout.group_size < 2 and cfg.algo.estimator in ("qae", "grpo", "drgrpo", "rloo"):
         raise ValueError(
             f"rollout.group_size={cfg.rollout.group_size}: the {cfg.algo.estimator!r} "
@@ -513,14 +502,105 @@ def train(
             "trainer.old_logprobs='sampler' takes the log-probs the sampler recorded; it "
             f"needs rollout.backend='sampler', got rollout.backend={cfg.rollout.backend!r}"
         )
+
+
+def _check_run_dir(run_dir: Path, ckpt: Checkpointer, resume: bool) -> None:
+    """A fresh run needs a directory without a run; a resume needs a checkpoint."""
+    has_metrics = (run_dir / "metrics.jsonl").exists()
+    if not resume and has_metrics:
+        raise ValueError(
+            f"log.out={str(run_dir)!r} already holds a run; pass --resume to continue it "
+            f"or choose another directory"
+        )
+    if resume and not ckpt.candidates():
+        why = " (the run there stopped before its first checkpoint)" if has_metrics else ""
+        raise ValueError(
+            f"--resume: nothing to resume in log.out={str(run_dir)!r}: no checkpoint "
+            f"{str(ckpt.root / 'step_*')!r}{why}; start without --resume in a new directory"
+        )
+
+
+def _check_input_bounds(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> None:
+    """The response budget and every listed prompt must fit the model's context (a
+    built-in task's endless stream is short by construction and not listed)."""
+    from qae.bounds import check_prompt_lengths, check_response_budget, context_length
+
+    context = context_length(model)
+    if context is None:
+        return
+    budget = f"rollout.max_new_tokens={data.max_new_tokens}"
+    if not cfg.rollout.max_new_tokens:
+        budget += " (0: the default)"
+    limit = check_response_budget(data.max_new_tokens, context, budget=budget)
+    for name, source, records in (
+        ("data.train", cfg.data.train, data.train.records),
+        ("data.val", cfg.data.val, data.val),
+    ):
+        if callable(records):
+            continue
+        prompts = (
+            (f"{name}={source!r} row {i} (id {r.id!r})", data.format_prompt(r))
+            for i, r in enumerate(records)
+        )
+        check_prompt_lengths(prompts, tokenizer, limit=limit, context=context, budget=budget)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run the RL loop of ``cfg``; ``resume`` continues from the run's newest whole
+    checkpoint (a damaged newer one is set aside with a warning).
+
+    The run directory is locked for the whole run: a second writer gets
+    :class:`qae.errors.RunLockedError` naming the owner's PID. Ctrl-C raises
+    :class:`qae.errors.TrainingInterrupted` (a ``KeyboardInterrupt``) and a failed write
+    :class:`qae.errors.RunError`, both naming the step reached and the resume command.
+    """
+    _check_run_config(cfg)
+    run_dir = Path(cfg.log.out)
+    if resume and not run_dir.is_dir():
+        raise ValueError(
+            f"--resume: log.out={str(run_dir)!r} does not exist: there is no run to resume"
+        )
+    with RunLock(run_dir):
+        remove_stale_temporaries(run_dir)
+        reached = _Reached()
+        try:
+            return _train_locked(cfg, run_dir, resume, on_step, reached)
+        except KeyboardInterrupt:
+            if not reached.looping:
+                raise
+            raise TrainingInterrupted(cfg.log.out, reached.step, reached.checkpoint) from None
+        except OSError as err:
+            if not reached.looping:
+                raise
+            hint = resume_hint(cfg.log.out, reached.step, reached.checkpoint)
+            raise RunError(f"{describe_os_error(err)}; {hint}") from err
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+    reached: _Reached,
+) -> TrainResult:
+    """The body of :func:`train`, run while holding the run directory's lock; ``reached``
+    follows the last step logged and the last checkpoint written."""
+    ckpt = Checkpointer(run_dir, cfg.log.keep_last)
+    _check_run_dir(run_dir, ckpt, resume)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
     device = resolve_device(cfg.model.device)
 
     model, tokenizer = load_policy(cfg.model.path, device, cfg.model.dtype)
-    if latest is not None:
-        _load_weights(model, latest / "model")
+    state = resume_checkpoint(ckpt, model) if resume else None
+    data = load_task_data(cfg, tokenizer)
+    _check_input_bounds(model, tokenizer, data, cfg)  # before anything costly starts
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     engine = None
@@ -528,7 +608,6 @@ def train(
         from qae.vllm_rollout import VLLMRollout
 
         engine = VLLMRollout.from_config(cfg, tokenizer, device)
-    data = load_task_data(cfg, tokenizer)
     ref_model = None
     if cfg.loss.kl_coef > 0:
         ref_model, _ = load_policy(cfg.model.path, device, cfg.model.dtype)
@@ -540,15 +619,15 @@ def train(
 
     start = 0
     val_before: dict[str, float] = {}
-    if latest is not None:
-        state = Checkpointer.load_state(latest)
+    if state is not None:
         _restore_state(state, optimizer, scheduler, data, kctrl, history)
         start = int(state["step"])
         val_before = dict(state.get("val_before", {}))
+        reached.step = reached.checkpoint = start
     save_yaml_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
         run_dir,
-        resume_step=start if latest is not None else None,
+        resume_step=start if state is not None else None,
         tensorboard=cfg.log.tensorboard,
         wandb_project=cfg.log.wandb,
         mlflow_experiment=cfg.log.mlflow,
@@ -560,6 +639,7 @@ def train(
 
         progress = tqdm(total=cfg.trainer.steps, initial=start, desc="qae train", unit="step")
     last: dict[str, float] = {}
+    reached.looping = True
     try:
         if start == 0:
             val_before = validate(model, tokenizer, data, cfg)
@@ -588,10 +668,12 @@ def train(
             if step == cfg.trainer.steps:
                 last.update(validate(model, tokenizer, data, cfg))
             logger.log(step, last)
+            reached.step = step
             every = cfg.log.checkpoint_every
             if step == cfg.trainer.steps or (every and step % every == 0):
                 state = _state_dict(optimizer, scheduler, data, kctrl, history)
                 ckpt.save(step, model, tokenizer, {"step": step, "val_before": val_before, **state})
+                reached.checkpoint = step
             if on_step is not None:
                 on_step(step, last)
             if progress is not None:
@@ -653,7 +735,7 @@ def _sampling_logprobs(
     model's for every row when there is one."""
     b = len(batch)
     old_logp = old_ent = ref_logp = None
-    if cfg.trainer.old_logprobs == "sampler":
+    if _uses_sampler_logprobs(cfg):
         old_logp, old_ent = _recorded_logprobs(batch)
     elif cfg.trainer.ppo_epochs * cfg.trainer.mini_batches != 1:
         old_logp, old_ent = scatter_rows(
@@ -665,6 +747,12 @@ def _sampling_logprobs(
             batch_logprobs(ref_model, batch, rows, pad_id, cfg, device), rows, b
         )
     return old_logp, old_ent, ref_logp
+
+
+def _uses_sampler_logprobs(cfg: TrainConfig) -> bool:
+    """``trainer.old_logprobs`` resolved: ``auto`` takes the sampler's when it records them."""
+    choice = cfg.trainer.old_logprobs
+    return choice == "sampler" or (choice == "auto" and cfg.rollout.backend == "sampler")
 
 
 def _recorded_logprobs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
