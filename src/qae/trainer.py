@@ -266,6 +266,26 @@ def score_batch(
     return batch.with_(scores=scores, rewards=scores.clone())
 
 
+def sample_with_model(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    *,
+    backend: str,
+    measure_entropy: bool,
+    **sampling: Any,
+) -> Batch:
+    """Sample with the training model itself: qae's cached loop (``backend=sampler``,
+    which always records entropy and log-probs) or Hugging Face ``generate`` (``hf``, and
+    the ``vllm`` backend's validation)."""
+    if backend == "sampler":
+        return sample_batch(model, tokenizer, prompts, answers, **sampling)
+    return generate_batch(
+        model, tokenizer, prompts, answers, measure_entropy=measure_entropy, **sampling
+    )
+
+
 def collect_rollouts(
     model: Any,
     tokenizer: Any,
@@ -297,28 +317,21 @@ def collect_rollouts(
         t0 = time.perf_counter()
         prompts = [data.format_prompt(x) for x in records]
         answers = [x.answer for x in records]
-        sampling = dict(group_size=r.group_size, temperature=r.temperature, top_p=r.top_p)
+        sampling = dict(
+            group_size=r.group_size,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=data.max_new_tokens,
+        )
         if engine is not None:
-            batch = engine.generate(
-                prompts, answers, max_new_tokens=data.max_new_tokens, **sampling
-            )
-        elif r.backend == "sampler":
-            batch = sample_batch(
-                model,
-                tokenizer,
-                prompts,
-                answers,
-                max_new_tokens=data.max_new_tokens,
-                batch_size=r.generation_batch_size,
-                **sampling,
-            )
+            batch = engine.generate(prompts, answers, **sampling)
         else:
-            batch = generate_batch(
+            batch = sample_with_model(
                 model,
                 tokenizer,
                 prompts,
                 answers,
-                max_new_tokens=data.max_new_tokens,
+                backend=r.backend,
                 batch_size=r.generation_batch_size,
                 measure_entropy=r.measure_entropy,
                 **sampling,
@@ -391,22 +404,20 @@ def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> di
     e = cfg.eval
     state = torch.get_rng_state()  # validation must not move the training RNG
     torch.manual_seed(cfg.trainer.seed + 12345)
-    args = dict(
-        group_size=e.n,
-        temperature=e.temperature,
-        top_p=e.top_p,
-        max_new_tokens=data.max_new_tokens,
-        batch_size=cfg.rollout.generation_batch_size,
-    )
-    prompts = [data.format_prompt(x) for x in data.val]
-    answers = [x.answer for x in data.val]
     try:
-        if cfg.rollout.backend == "sampler":
-            batch = sample_batch(model, tokenizer, prompts, answers, **args)
-        else:
-            batch = generate_batch(
-                model, tokenizer, prompts, answers, measure_entropy=False, **args
-            )
+        batch = sample_with_model(
+            model,
+            tokenizer,
+            [data.format_prompt(x) for x in data.val],
+            [x.answer for x in data.val],
+            backend=cfg.rollout.backend,
+            group_size=e.n,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            max_new_tokens=data.max_new_tokens,
+            batch_size=cfg.rollout.generation_batch_size,
+            measure_entropy=False,
+        )
     finally:
         torch.set_rng_state(state)
     batch = score_batch(batch, data.reward)

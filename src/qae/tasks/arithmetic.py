@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from qae.tasks.splits import balanced
+
 __all__ = [
     "ALPHABET",
     "END_TOKENS",
@@ -145,20 +147,7 @@ def _balanced(
     rng: random.Random, n: int, levels: tuple[Level, ...], exclude: frozenset[str] = frozenset()
 ) -> list[dict]:
     """``n`` distinct records cycling through the levels, none with a prompt in ``exclude``."""
-    records: list[dict] = []
-    seen: set[str] = set(exclude)
-    for i in range(n):
-        difficulty = i % len(levels) + 1
-        # the easiest level has a few hundred prompts: give up rather than loop forever
-        for _ in range(10_000):
-            rec = make_problem(rng, difficulty, levels)
-            if rec["prompt"] not in seen:
-                break
-        else:
-            raise ValueError(f"level {difficulty} has too few distinct prompts for n={n}")
-        seen.add(rec["prompt"])
-        records.append(rec)
-    return records
+    return balanced(lambda r, d: make_problem(r, d, levels), rng, n, len(levels), exclude)
 
 
 def _earlier_prompts(name: str) -> frozenset[str]:
@@ -237,12 +226,26 @@ def iter_train(
             yield rec
 
 
-def _clean(text: str) -> str:
+def cut_at_end(text: str) -> str:
+    """``text`` up to its first end marker (:data:`END_TOKENS`), stripped."""
     for end in END_TOKENS:
         cut = text.find(end)
         if cut >= 0:
             text = text[:cut]
     return text.strip()
+
+
+def digits_match(answer: str | None, ground_truth: Any) -> float:
+    """1.0 when ``answer`` is exactly the digit string ``ground_truth`` (surrounding
+    whitespace of the truth ignored), else 0.0; a truth that is not a digit string scores
+    0. Never raises."""
+    try:
+        truth = str(ground_truth).strip()
+        if answer is None or not (truth.isascii() and truth.isdigit()):
+            return 0.0
+        return 1.0 if answer == truth else 0.0
+    except Exception:
+        return 0.0
 
 
 def arithmetic_score(response: Any, ground_truth: Any, **_: Any) -> float:
@@ -253,23 +256,14 @@ def arithmetic_score(response: Any, ground_truth: Any, **_: Any) -> float:
     surrounding whitespace; anything else that differs scores 0. Never raises: a
     response or ground truth that is not a string, or not a digit string, scores 0.
     """
-    try:
-        if not isinstance(response, str):
-            return 0.0
-        truth = ground_truth if isinstance(ground_truth, str) else str(ground_truth)
-        truth = truth.strip()
-        if not (truth.isascii() and truth.isdigit()):
-            return 0.0
-        return 1.0 if _clean(response) == truth else 0.0
-    except Exception:
-        return 0.0
+    return digits_match(extract_arithmetic_answer(response), ground_truth)
 
 
 def extract_arithmetic_answer(response: Any) -> str | None:
     """The answer a response gives (for maj@n): the text before any end marker."""
     if not isinstance(response, str):
         return None
-    return _clean(response) or None
+    return cut_at_end(response) or None
 
 
 arithmetic_score.cheap = True  # type: ignore[attr-defined]

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from qae.tasks.arithmetic import END_TOKENS, format_answer
+from qae.tasks.arithmetic import cut_at_end, digits_match, format_answer
+from qae.tasks.splits import balanced
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -314,25 +315,6 @@ def _write(
 # Splits
 
 
-def _balanced(
-    rng: random.Random, n: int, levels: tuple[ReasoningLevel, ...], exclude: frozenset[str]
-) -> list[dict]:
-    """``n`` distinct records cycling through the levels, none with a prompt in ``exclude``."""
-    records: list[dict] = []
-    seen: set[str] = set(exclude)
-    for i in range(n):
-        difficulty = i % len(levels) + 1
-        for _ in range(10_000):
-            rec = make_problem(rng, difficulty, levels)
-            if rec["prompt"] not in seen:
-                break
-        else:
-            raise ValueError(f"level {difficulty} has too few distinct prompts for n={n}")
-        seen.add(rec["prompt"])
-        records.append(rec)
-    return records
-
-
 @lru_cache(maxsize=8)
 def _fixed_split(name: str) -> tuple[dict, ...]:
     names = list(SPLITS)
@@ -340,7 +322,7 @@ def _fixed_split(name: str) -> tuple[dict, ...]:
         r["prompt"] for other in names[: names.index(name)] for r in _fixed_split(other)
     )
     spec = SPLITS[name]
-    return tuple(_balanced(random.Random(spec.seed), spec.size, LEVELS, earlier))
+    return tuple(balanced(make_problem, random.Random(spec.seed), spec.size, len(LEVELS), earlier))
 
 
 @lru_cache(maxsize=1)
@@ -404,11 +386,7 @@ def iter_train(
 
 
 def _final_answer(response: str) -> str | None:
-    text = response
-    for end in END_TOKENS:
-        cut = text.find(end)
-        if cut >= 0:
-            text = text[:cut]
+    text = cut_at_end(response)
     at = text.rfind(ANSWER_PREFIX)
     if at < 0:
         return None
@@ -422,15 +400,7 @@ def reasoning_score(response: Any, ground_truth: Any, **_: Any) -> float:
     The response is cut at the first end marker; the scratchpad before the answer line
     is not checked (a right answer after a wrong step still scores 1). Never raises.
     """
-    try:
-        if not isinstance(response, str):
-            return 0.0
-        truth = str(ground_truth).strip()
-        if not (truth.isascii() and truth.isdigit()):
-            return 0.0
-        return 1.0 if _final_answer(response) == truth else 0.0
-    except Exception:
-        return 0.0
+    return digits_match(extract_reasoning_answer(response), ground_truth)
 
 
 def extract_reasoning_answer(response: Any) -> str | None:
