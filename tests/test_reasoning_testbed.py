@@ -62,9 +62,10 @@ def preset(out, **overrides) -> TrainConfig:
 def test_shipped_model_is_a_small_qwen_with_a_real_vocabulary():
     model, tok = load_reasoning_model()
     cfg = model.config
-    assert cfg.model_type == "qwen2"
+    assert cfg.model_type == "qwen3"
+    assert type(tok).__name__ != "Qwen2Tokenizer"  # the saved tokenizer, not byte-level BPE
     assert len(tok) == cfg.vocab_size > 16 * 2
-    assert cfg.hidden_size // cfg.num_attention_heads == 32  # a head size CPU engines take
+    assert cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads == 32  # CPU engines take 32
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
     assert cfg.max_position_embeddings >= reasoning.MAX_NEW_TOKENS + 24
     # words are single tokens; everything else splits into characters
@@ -158,7 +159,8 @@ def test_reasoning_preset_is_the_papers_regime_scaled_down():
     assert (cfg.loss.clip_low, cfg.loss.clip_high) == (0.2, 0.28)
     assert cfg.loss.agg == "token-mean" and cfg.rollout.dynamic_sampling
     assert cfg.rollout.overlong == "penalty"
-    assert cfg.rollout.overlong_buffer < cfg.rollout.max_new_tokens == reasoning.MAX_NEW_TOKENS
+    assert cfg.rollout.max_new_tokens == 0  # the task's own limit
+    assert cfg.rollout.overlong_buffer < reasoning.MAX_NEW_TOKENS
     assert cfg.algo.estimator == "qae" and cfg.kcontrol.k == 0.4
 
 
@@ -207,16 +209,17 @@ def test_resume_with_the_sampler_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_sampler_logprobs_need_the_sampler_backend(tmp_path):
+    over = {"rollout.backend": "hf", "trainer.old_logprobs": "sampler"}
     with pytest.raises(ValueError, match="needs rollout.backend='sampler', got .*'hf'"):
-        train(preset(tmp_path / "x", **{"rollout.backend": "hf"}))
-    with pytest.raises(ValueError, match="old_logprobs must be recompute or sampler"):
+        train(preset(tmp_path / "x", **over))
+    with pytest.raises(ValueError, match="old_logprobs must be auto, recompute or sampler"):
         apply_overrides(TrainConfig(), {"trainer.old_logprobs": "cache"})
 
 
 def test_hf_backend_runs_the_preset_too(tmp_path):
     cfg = preset(
         tmp_path / "hf",
-        **{"rollout.backend": "hf", "trainer.old_logprobs": "recompute", "trainer.steps": 1},
+        **{"rollout.backend": "hf", "trainer.steps": 1},  # auto: recomputed log-probs
     )
     train(cfg)
     rows = read_metrics(tmp_path / "hf" / "metrics.jsonl")

@@ -1,4 +1,4 @@
-"""The shipped base policy of the reasoning task: a small Qwen2 that writes step-by-step
+"""The shipped base policy of the reasoning task: a small Qwen3 that writes step-by-step
 solutions with a controlled rate of slips.
 
 :func:`build_reasoning_model` reproduces the shipped weights from a seed: random init,
@@ -71,6 +71,7 @@ class ReasoningPretrainConfig(PretrainConfig):
     eval_every: int = 500
     target_pass_at_1: float | None = None
     threads: int = 1
+    architecture: str = "qwen3"
     slip: float = 0.05
     """Probability that a result digit of a training solution is written wrong."""
     carry_slip: float = 0.35

@@ -165,6 +165,11 @@ class PretrainConfig:
     """Sampling weights of the difficulty levels in training (None: uniform)."""
     threads: int = 2
     """torch CPU threads during pre-training (restored afterwards)."""
+    architecture: str = "qwen2"
+    """``qwen2`` or ``qwen3`` (``Qwen3ForCausalLM``, heads ``hidden_size / num_heads``
+    wide). Note: ``AutoTokenizer`` loads a ``qwen2`` checkpoint's tokenizer as Qwen2's
+    byte-level BPE whatever its ``tokenizer.json`` says, which only a tokenizer of
+    single characters without spaces survives; ``qwen3`` keeps the saved tokenizer."""
 
 
 @dataclass
@@ -192,10 +197,10 @@ def build_model(
 
     Initialization is seeded with ``config.seed``; input and output embeddings are tied.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config = config or PretrainConfig()
-    model_config = Qwen2Config(
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -208,8 +213,19 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+    if config.architecture == "qwen3":
+        model_cls, model_config = (
+            Qwen3ForCausalLM,
+            Qwen3Config(**shape, head_dim=config.hidden_size // config.num_heads),
+        )
+    elif config.architecture == "qwen2":
+        model_cls, model_config = Qwen2ForCausalLM, Qwen2Config(**shape)
+    else:
+        raise ValueError(
+            f"architecture must be qwen2 or qwen3, got architecture={config.architecture!r}"
+        )
     torch.manual_seed(config.seed)
-    model = Qwen2ForCausalLM(model_config)
+    model = model_cls(model_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
