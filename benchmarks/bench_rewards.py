@@ -15,7 +15,7 @@ Verdicts must be identical; the script prints every response where they differ. 
 first scores 100 other problems (imports, worker start-up, parser warm-up: a training run
 scores thousands of batches), and no row can find the timed answers in a cache another
 row filled. A cheap exact verifier on one step of
-the embedded default is timed too (in-process vs pool overhead).
+the arithmetic preset is timed too (in-process vs pool overhead).
 
     python benchmarks/bench_rewards.py            # 100 problems x 16 responses
     python benchmarks/bench_rewards.py --quick    # 20 problems x 16 responses
@@ -51,7 +51,7 @@ ENDINGS = (
     "\nThe final answer is $\\boxed{{{ans}}}$. I hope it is correct.",
     "\n\n**Final Answer**\n\\[\n\\boxed{{{ans}}}\n\\]",
 )
-# Exact-verifier row: one step of the embedded default measured on 2 CPU cores (16 x 8).
+# Exact-verifier row: one step of the arithmetic preset measured on 2 CPU cores (16 x 8).
 STEP_SECONDS = 0.38
 FILLER = "We expand, collect like terms and simplify; nothing is lost. " * 12
 

@@ -12,7 +12,7 @@ Settings (one generation round of each preset, temperature 1):
 - ``reasoning``: the shipped reasoning model, 16 training prompts x 8 samples, at most
   128 new tokens (``--config reasoning``);
 - ``arithmetic``: the shipped arithmetic model, 16 x 8, at most 4 new tokens (the
-  embedded default).
+  arithmetic preset, the embedded default before the reasoning testbed).
 
 Each backend is timed ``--repeats`` times, interleaved, with the same seed per repeat;
 the table gives the median, the tokens generated, and the median ratio hf / sampler.

@@ -8,7 +8,7 @@ Two settings, each timed with and without the recorder, interleaved, best and me
 ``--repeats``:
 
 - ``embedded``: the shipped tiny model and the built-in task's prompts, 16 prompts x 8
-  samples, at most 4 new tokens (one generation round of the embedded default).
+  samples, at most 4 new tokens (one generation round of the arithmetic preset).
 - ``vocab152k``: a randomly initialized 2-layer Qwen2 (hidden 64) with Qwen's 151,936-token
   vocabulary, the same prompts, 16 x 8 samples of exactly 16 new tokens: the softmax over a
   real model's vocabulary, where the recorder costs the most relative to a small network.

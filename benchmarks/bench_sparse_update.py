@@ -1,7 +1,7 @@
 """Update-phase time with and without skipping zero-advantage responses, in one run.
 
 Two settings:
-- ``embedded``: the embedded default (shipped tiny model, built-in task, 16 prompts x 8
+- ``embedded``: the arithmetic preset (shipped tiny model, built-in task, 16 prompts x 8
   samples, real rollouts and rewards); tiny and overhead-bound.
 - ``compute``: a randomly initialised 4-layer Qwen2 (hidden 384, 13M parameters) on 128
   responses of 64 tokens with binary rewards drawn per group, where the forward/backward
@@ -24,7 +24,7 @@ import time
 import torch
 
 from qae.advantages import compute_advantages
-from qae.config import TrainConfig
+from qae.config import load_preset
 from qae.configtools import apply_overrides
 from qae.rollout import Batch, generate_batch
 from qae.trainer import load_policy, score_batch
@@ -134,7 +134,7 @@ def main() -> None:
     makers = {"embedded": embedded_batch, "compute": compute_batch}
     for name in args.settings.split(","):
         model, batch, micro = makers[name]()
-        cfg = apply_overrides(TrainConfig(), {"trainer.micro_batch_size": micro})
+        cfg = apply_overrides(load_preset("arithmetic"), {"trainer.micro_batch_size": micro})
         for est in ("qae", "grpo"):
             adv = compute_advantages(batch.rewards, batch.group_ids, est, k=0.4)
             zero = float((adv == 0).float().mean())

@@ -1,6 +1,6 @@
-"""Time per phase and tokens/s of one training step of the embedded default, against TRL.
+"""Time per phase and tokens/s of one training step of the arithmetic preset, against TRL.
 
-Claim measured: one RL step of ``qae train``'s embedded default (built-in tiny Qwen2, built-in
+Claim measured: one RL step of the arithmetic preset (built-in tiny Qwen2, built-in
 arithmetic task, 16 prompts x 8 samples, temperature 1.0, one PPO update per step, token-mean,
 clip 0.2/0.28) takes no longer than one step of TRL's ``GRPOTrainer`` set up the same way.
 
@@ -69,16 +69,17 @@ from typing import Any
 
 import torch
 
-from qae.config import TrainConfig
+from qae.config import TrainConfig, load_preset
 from qae.configtools import apply_overrides
 
-PROMPTS, GROUP = 16, 8  # the embedded default's batch: P prompts x G samples per step
+PROMPTS, GROUP = 16, 8  # the arithmetic preset's batch: P prompts x G samples per step
 PHASES = ("generate", "score", "logprob", "train", "other", "step")
 
 
 def qae_config(out: Path, steps: int, threads: int, seed: int, **extra: Any) -> TrainConfig:
-    """``qae train``'s defaults, made to generate one batch per step and to log quietly."""
-    cfg = TrainConfig()
+    """The arithmetic preset (the setting measured against TRL), made to generate one batch
+    per step and to log quietly."""
+    cfg = load_preset("arithmetic")
     overrides = {
         "eval.enabled": False,
         "rollout.dynamic_sampling": False,
@@ -348,7 +349,7 @@ def run_all(
                 cfg = qae_config(run_dir / f"qae-{i}", total, args.threads, args.seed, **extra)
                 rows, gaps = run_qae(cfg, args.warmup)
             else:
-                lr = TrainConfig().optim.lr
+                lr = load_preset("arithmetic").optim.lr
                 rows, gaps = run_trl(total, args.warmup, args.threads, args.seed, run_dir, lr)
             pooled[name][0].extend(rows)
             pooled[name][1].extend(gaps)

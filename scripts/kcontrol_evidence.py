@@ -93,9 +93,9 @@ def run_lab(args: argparse.Namespace) -> int:
 # Trainer
 
 
-def _trainer_cmd(arm: str, seed: int, run_dir: Path, steps: int) -> list[str]:
+def _trainer_cmd(arm: str, seed: int, run_dir: Path, steps: int, config: str) -> list[str]:
     return [
-        "qae", "train", *TRAINER_ARMS[arm],
+        "qae", "train", "--config", config, *TRAINER_ARMS[arm],
         "--seed", str(seed), "--data.seed", str(seed),
         "--steps", str(steps), "--trainer.threads", "1",
         "--log.out", str(run_dir), "--log.progress", "false", "--log.tensorboard", "false",
@@ -112,7 +112,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         run_dir = root / f"{arm}_s{seed}"
         if (run_dir / "metrics.jsonl").exists():
             return arm, seed, 0, 0.0
-        cmd = _trainer_cmd(arm, seed, run_dir, args.steps)
+        cmd = _trainer_cmd(arm, seed, run_dir, args.steps, args.config)
         t0 = time.perf_counter()
         with open(root / f"{arm}_s{seed}.log", "w") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -265,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--runs", required=True, help="directory for the run dirs")
     tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument(
+        "--config",
+        default="arithmetic",
+        help="preset the runs start from: arithmetic (the evidence in docs/k-control.md) or "
+        "reasoning (the testbed)",
+    )
     tr.add_argument("--jobs", type=int, default=2, help="concurrent runs")
     tr.set_defaults(func=run_trainer)
     rep = sub.add_parser("trainer-report", help="tables and figure of the trainer runs")

@@ -41,6 +41,8 @@ def test_presets_exist():
 
 def test_default_preset_matches_defaults():
     assert dataclasses.asdict(load_preset("default")) == dataclasses.asdict(TrainConfig())
+    # the embedded default is the reasoning testbed
+    assert dataclasses.asdict(load_preset("reasoning")) == dataclasses.asdict(TrainConfig())
 
 
 def test_cli_flags_override_and_coerce():
@@ -79,7 +81,7 @@ def test_cli_flags_override_and_coerce():
         ({"algo.estimator": "mystery"}, r"unknown advantage estimator estimator='mystery'"),
         ({"rollout.group_size": 0}, r"rollout: group_size must be a number > 0, got group_size=0"),
         ({"loss.clip_low": 1.5}, r"loss: clip_low must be < 1"),
-        ({"eval.ks": [1, 64]}, r"eval: ks must be integers in \[1, n=4\]"),
+        ({"eval.ks": [1, 64]}, r"eval: ks must be integers in \[1, n=8\]"),
     ],
 )
 def test_bad_values_name_the_field(override, match):

@@ -326,8 +326,10 @@ def test_pool_groups_keep_items_of_a_group_on_one_worker() -> None:
 
     with ScoringPool(2) as pool:
         pool.map(_pid_after, [(0.0,)] * 2, timeout=5)  # both workers started and loaded
-        items = [(0.05,)] * 8
-        out = pool.map(_pid_after, items, timeout=5, groups=["a"] * 4 + ["b"] * 4)
+        # items long enough that scheduling jitter on a loaded machine cannot let one
+        # worker run out of its group a whole item ahead of the other
+        items = [(0.3,)] * 8
+        out = pool.map(_pid_after, items, timeout=10, groups=["a"] * 4 + ["b"] * 4)
     pids = [value for _, value in out]
     assert len(set(pids[:4])) == 1 and len(set(pids[4:])) == 1
     assert pids[0] != pids[4] and os.getpid() not in pids

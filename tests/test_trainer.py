@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qae.cli import main
-from qae.config import TrainConfig
+from qae.config import TrainConfig, load_preset
 from qae.configtools import apply_overrides
 from qae.runlog import read_metrics
 from qae.trainer import PromptStream, load_policy, train
@@ -28,7 +28,7 @@ DETERMINISTIC = [
 
 
 def tiny_config(out, **overrides) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = load_preset("arithmetic")
     base = {
         "log.out": str(out),
         "log.progress": False,

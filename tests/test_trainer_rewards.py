@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from qae.config import DataConfig, TrainConfig
+from qae.config import DataConfig, TrainConfig, load_preset
 from qae.configtools import apply_overrides
 from qae.rewards import FailureStreak, RewardFailure, register_reward, reward_functions
 from qae.runlog import read_metrics
@@ -54,7 +54,7 @@ def tiny_config(out, **overrides) -> TrainConfig:
         "log.checkpoint_every": 0,
     }
     base.update(overrides)
-    return apply_overrides(TrainConfig(), base)
+    return apply_overrides(load_preset("arithmetic"), base)
 
 
 def test_step_metrics_count_errors_and_unscorable(tmp_path, test_rewards):

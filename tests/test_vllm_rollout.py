@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from qae import vllm_rollout
-from qae.config import RolloutConfig, TrainConfig
+from qae.config import RolloutConfig, TrainConfig, load_preset
 from qae.configtools import apply_overrides
 from qae.rollout import generate_batch
 from qae.tasks import make_split, tiny_model_path
@@ -223,7 +223,7 @@ def test_named_weights_of_a_compiled_model_match_the_checkpoint():
 
 
 def test_rollout_backend_fields_are_validated():
-    assert RolloutConfig().backend == "hf"
+    assert RolloutConfig().backend == "sampler"  # the embedded default; hf and vllm by name
     assert RolloutConfig(backend="vllm").vllm_gpu_memory_utilization == 0.3
     cases = [
         ({"rollout.backend": "sglang"}, r"rollout: backend must be hf, sampler or vllm, got "),
@@ -259,7 +259,9 @@ def test_missing_vllm_says_how_to_install():
 
 
 def test_from_config_needs_a_cuda_device():
-    cfg = apply_overrides(TrainConfig(), {"rollout.backend": "vllm", "model.device": "cpu"})
+    cfg = apply_overrides(
+        load_preset("arithmetic"), {"rollout.backend": "vllm", "model.device": "cpu"}
+    )
     with pytest.raises(ValueError, match=r"needs the training model on a CUDA GPU.*'cpu'"):
         VLLMRollout.from_config(cfg, tokenizer=None, device=torch.device("cpu"))
 
@@ -344,7 +346,7 @@ def _stand_in_rollout(monkeypatch, tokenizer, **kwargs):
 def test_engine_is_built_token_in_token_out_in_process(stand_in_vllm, monkeypatch):
     _, tokenizer = load_policy("builtin", torch.device("cpu"))
     cfg = apply_overrides(
-        TrainConfig(),
+        load_preset("arithmetic"),
         {"rollout.backend": "vllm", "rollout.vllm_enforce_eager": True, "trainer.seed": 7},
     )
     with monkeypatch.context() as m:
@@ -431,7 +433,7 @@ def test_train_samples_with_the_engine_and_syncs_every_step(stand_in_vllm, monke
 
         monkeypatch.setattr(VLLMRollout, name, spy)
     cfg = apply_overrides(
-        TrainConfig(),
+        load_preset("arithmetic"),
         {
             "log.out": str(tmp_path / "run"),
             "log.progress": False,
@@ -530,7 +532,7 @@ _TRAIN_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from qae import vllm_rollout
-    from qae.config import TrainConfig
+    from qae.config import load_preset
     from qae.configtools import apply_overrides
     from qae.trainer import train
 
@@ -543,7 +545,7 @@ _TRAIN_SCRIPT = textwrap.dedent(
             return _original(self, *args, **kwargs)
 
         setattr(vllm_rollout.VLLMRollout, name, spy)
-    cfg = apply_overrides(TrainConfig(), json.loads(sys.argv[1]))
+    cfg = apply_overrides(load_preset("arithmetic"), json.loads(sys.argv[1]))
     result = train(cfg)
     print(json.dumps({"calls": calls, "steps": result.steps}))
     """

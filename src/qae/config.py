@@ -1,8 +1,11 @@
 """The trainer's configuration: one dataclass tree, YAML presets, a CLI flag per field.
 
 Every field's docstring is its ``--help`` text. Presets in ``qae/presets/*.yaml`` only
-override defaults: ``default`` is the embedded default (built-in task and tiny model),
-``dapo`` the paper's DAPO recipe with QAE for a real model.
+override defaults: ``default`` (the same as ``reasoning``) is the embedded default, the
+reasoning testbed in DAPO's regime scaled to a CPU (built-in reasoning task and its
+shipped policy, four off-policy mini-batch updates per rollout batch); ``arithmetic``
+the arithmetic task with one on-policy update per batch; ``dapo`` the paper's DAPO
+recipe with QAE for a real model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from qae.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES
 from qae.configtools import load_yaml_config
 from qae.kcontrol import KControlConfig
 from qae.losses import LossConfig
-from qae.tasks.builtin import BUILTIN
 
 __all__ = [
     "AlgoConfig",
@@ -48,7 +50,7 @@ def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
 class ModelConfig:
     """The policy to train."""
 
-    path: str = BUILTIN
+    path: str = "builtin:reasoning"
     """Hugging Face model id or local directory of a causal LM; ``builtin`` is the shipped
     tiny model of the arithmetic task, ``builtin:<task>`` the base policy shipped with a
     built-in task (``builtin:arithmetic``, ``builtin:reasoning``)."""
@@ -74,12 +76,12 @@ class ModelConfig:
 class DataConfig:
     """Where prompts and answers come from, and how responses are scored."""
 
-    train: str = BUILTIN
+    train: str = "builtin:reasoning"
     """Training prompts: ``builtin`` (the arithmetic task), ``builtin:<task>``
     (``builtin:arithmetic``, ``builtin:reasoning``: the task's endless seeded stream), a
     JSONL/Parquet file, or a Hugging Face dataset name."""
 
-    val: str = BUILTIN
+    val: str = "builtin:reasoning"
     """Held-out prompts for validation, same forms as ``train`` (a built-in task's fixed
     validation split); empty disables."""
 
@@ -141,15 +143,20 @@ class RolloutConfig:
     """DAPO dynamic sampling: drop groups whose scores are all equal and sample more
     prompts until the step has ``prompts_per_step`` informative groups."""
 
-    max_gen_batches: int = 4
+    max_gen_batches: int = 2
     """Generation rounds per step before giving up filling the batch (then the step trains
     on the groups it has and logs how many rounds it drew)."""
 
-    overlong: str = "none"
+    prompts_per_round: int = 0
+    """Prompts sampled per generation round; 0 = ``prompts_per_step``. More (DAPO's
+    ``gen_batch_size``) fills a dynamic-sampling step in fewer rounds once most groups
+    are all-correct; informative groups beyond ``prompts_per_step`` are dropped."""
+
+    overlong: str = "penalty"
     """Overlong handling: ``penalty`` (DAPO soft punishment), ``mask`` (truncated
     responses leave the loss) or ``none``."""
 
-    overlong_buffer: int = 4
+    overlong_buffer: int = 32
     """Tokens before ``max_new_tokens`` where the soft penalty starts."""
 
     overlong_factor: float = 1.0
@@ -165,7 +172,7 @@ class RolloutConfig:
     default and up to 30% for a tiny network with a 152k vocabulary
     (``benchmarks/bench_rollout_entropy.py``). The ``hf`` backend only."""
 
-    backend: str = "hf"
+    backend: str = "sampler"
     """Generation engine: ``hf`` (Hugging Face ``generate``, any device); ``sampler`` (qae's
     cached sampling loop: one prefill per prompt shared by its G samples, finished
     responses leave the batch, and each token's sampling log-prob is recorded, so
@@ -196,6 +203,7 @@ class RolloutConfig:
         _positive(self, "prompts_per_step", "group_size", "max_gen_batches", "top_p")
         _positive(self, "generation_batch_size", "overlong_buffer")
         _positive(self, "temperature", "max_new_tokens", "overlong_factor", allow_zero=True)
+        _positive(self, "prompts_per_round", allow_zero=True)
         _positive(self, "vllm_gpu_memory_utilization")
         _positive(self, "vllm_max_model_len", allow_zero=True)
         if self.overlong not in ("penalty", "mask", "none"):
@@ -264,7 +272,7 @@ class AlgoConfig:
 class OptimConfig:
     """AdamW and its schedule."""
 
-    lr: float = 1e-4
+    lr: float = 3e-4
     """Peak learning rate (the embedded default's tiny model; real models want ~1e-6)."""
 
     weight_decay: float = 0.0
@@ -302,20 +310,21 @@ class TrainerConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
 
-    mini_batches: int = 1
+    mini_batches: int = 4
     """Optimizer steps per pass: the batch's groups are split into this many mini-batches
     (DAPO: 512 prompts in mini-batches of 32 = 16)."""
 
     micro_batch_size: int = 64
     """Responses per forward/backward (gradient accumulation bounds memory)."""
 
-    old_logprobs: str = "recompute"
+    old_logprobs: str = "auto"
     """Where the sampling policy's log-probs (the PPO ratio's denominator, with several
     mini-batches or epochs) come from: ``recompute`` (a forward pass of the weights that
-    sampled, before the first update, as verl does) or ``sampler`` (recorded while
-    sampling by ``rollout.backend=sampler``: the same weights and float32 numerics, equal
-    to a forward pass to about 1e-5, one forward pass fewer per step; entropy metrics then
-    come from the sampler too)."""
+    sampled, before the first update, as verl does); ``sampler`` (recorded while sampling
+    by ``rollout.backend=sampler``: the same weights and float32 numerics, equal to a
+    forward pass to about 1e-5, one forward pass fewer per step; entropy metrics then come
+    from the sampler too); ``auto``: ``sampler`` with the sampler backend, else
+    ``recompute``."""
 
     skip_zero_adv: bool = True
     """Leave responses whose advantage is exactly 0 out of the update's forward/backward
@@ -334,16 +343,19 @@ class TrainerConfig:
     seed: int = 0
     """Seed of every random number generator."""
 
-    threads: int = 0
-    """CPU threads for torch (0 = leave torch's default)."""
+    threads: int = 1
+    """CPU threads for torch; 0 = torch's default (one per core). One thread is the
+    fastest for the built-in models, alone and beside other jobs (more threads spin when
+    cores are shared); raise it for a larger model trained on a CPU."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
         _positive(self, "ppo_epochs", "mini_batches", "micro_batch_size")
         _positive(self, "threads", "diagnostics_every", allow_zero=True)
-        if self.old_logprobs not in ("recompute", "sampler"):
+        if self.old_logprobs not in ("auto", "recompute", "sampler"):
             raise ValueError(
-                f"old_logprobs must be recompute or sampler, got old_logprobs={self.old_logprobs!r}"
+                "old_logprobs must be auto, recompute or sampler, "
+                f"got old_logprobs={self.old_logprobs!r}"
             )
 
 
@@ -351,14 +363,14 @@ class TrainerConfig:
 class EvalConfig:
     """Validation on the held-out split."""
 
-    every: int = 100
+    every: int = 50
     """Validate every N steps (and before the first and after the last); 0 = only
     before and after."""
 
-    n: int = 4
+    n: int = 8
     """Samples per validation prompt."""
 
-    ks: list[int] = field(default_factory=lambda: [1, 4])
+    ks: list[int] = field(default_factory=lambda: [1, 8])
     """pass@k values to report (each <= n)."""
 
     temperature: float = 1.0

@@ -7,9 +7,12 @@ registered loss -> metrics -> checkpoint. The modules own the math (the update p
 the loop and its state.
 
 Where this loop departs from the paper's DAPO recipe (verl):
+
 - The sampling policy's log-probs are recomputed by a forward pass of the current weights
-  (as verl does); with one epoch and one mini-batch the update's own forward pass provides
-  them (the weights have not moved yet), which saves a pass and changes nothing.
+  (as verl does), or with ``rollout.backend=sampler`` taken from the sampler, which
+  recorded them with the same weights (``trainer.old_logprobs``); with one epoch and one
+  mini-batch the update's own forward pass provides them (the weights have not moved yet),
+  which saves a pass and changes nothing.
 - Dynamic sampling stops after ``rollout.max_gen_batches`` rounds and trains on the
   informative groups it has, logging the shortfall, instead of raising.
 - Clip-Cov / KL-Cov statistics are taken per micro-batch, not over the whole batch.
