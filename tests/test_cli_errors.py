@@ -251,6 +251,17 @@ def test_regimes_caps_the_group_size_with_a_clear_message(capsys):
     assert main(["regimes", "-G", "1024"]) == 0
 
 
+@pytest.mark.parametrize("k", ["2", "0", "1", "-0.5"])
+def test_regimes_rejects_a_bad_k_before_printing_anything(k, capsys):
+    assert main(["regimes", "-G", "8", "--k", k]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no title or half a table before the error
+    lines = [x for x in captured.err.splitlines() if x.strip()]
+    assert lines == [f"qae regimes: error: --k must be a quantile level in (0, 1), got {float(k)}"]
+    assert main(["regimes", "-G", "8", "--k", "0.4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3 + 9  # title, header, rule, 0..8
+
+
 # --------------------------------------------------------------------------------------
 # Data rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -258,3 +259,16 @@ def test_compare_parallel_skip_and_resume(tmp_path: Path) -> None:
     assert [r["step"] for r in again] == [0, 1, 2]
     assert again[:2] == rows[:2]  # steps 0-1 were kept, not re-run: it resumed
     assert run_status(victim, 2) == "done"
+
+
+def test_the_final_progress_table_is_printed_once(tmp_path: Path) -> None:
+    """Off a terminal the table is printed when a status changes; the last change already
+    shows the final table, so the closing call must not print it a second time."""
+    out = tmp_path / "cmp"
+    worker = [sys.executable, "-c", FAKE_WORKER]
+    specs = expand_grid(load_grid("mean-vs-qae"), [0], steps=1, out=out)
+    stream = io.StringIO()
+    run_compare(specs, out, parallel=2, poll=0.05, worker=worker, stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines.count(f"{len(specs)} done") == 1, stream.getvalue()
+    assert lines[-1] == f"{len(specs)} done"

@@ -132,24 +132,92 @@ def test_json_and_parquet(tmp_path: Path) -> None:
 def test_hub_needs_datasets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(ImportError, match=r"pip install 'qae\[data\]'"):
-        load_prompts("aime24", data_dir=tmp_path)  # no local file there
+        load_prompts("gsm8k", split="train", data_dir=tmp_path)  # not shipped, not local
     with pytest.raises(ImportError, match="datasets"):
         load_prompts("someone/some-dataset")
 
 
-def test_benchmark_names_map_to_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+def _fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    calls: list[tuple] = []
 
     def load_dataset(hub_id, config, split):
         calls.append((hub_id, config, split))
         return [{"question": "What is 6*7?", "answer": "6*7=<<6*7=42>>42\n#### 42"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    (rec,) = load_prompts("gsm8k")
-    assert calls[-1] == ("openai/gsm8k", "main", "test")
+    return calls
+
+
+def test_benchmark_names_map_to_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_hub(monkeypatch)
+    (rec,) = load_prompts("gsm8k", split="train")  # the shipped copy is the test split
+    assert calls[-1] == ("openai/gsm8k", "main", "train")
     assert rec.answer == "42" and rec.source == "gsm8k"
-    load_prompts("math500", split="test")
-    assert calls[-1] == ("HuggingFaceH4/MATH-500", None, "test")
     load_prompts("org/data", split="validation")
     assert calls[-1] == ("org/data", None, "validation")
     assert set(BENCHMARKS) == {"aime24", "aime25", "amc23", "math500", "gsm8k"}
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("aime24", 30), ("aime25", 30), ("amc23", 40), ("math500", 500), ("gsm8k", 1319)],
+)
+def test_benchmarks_ship_with_the_package(monkeypatch: pytest.MonkeyPatch, name, count) -> None:
+    """Every benchmark name loads offline from the package: the hub is never asked."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # any hub access would raise
+    records = load_prompts(name)
+    assert len(records) == count and len({r.id for r in records}) == count
+    assert all(r.source == name and r.problem.strip() and r.answer.strip() for r in records)
+    assert load_prompts(name, split=BENCHMARKS[name].split) == records
+    if name in ("aime24", "aime25"):  # AIME answers are integers 0-999
+        assert all(r.answer.isdigit() and 0 <= int(r.answer) <= 999 for r in records)
+    if name == "gsm8k":  # the number after "####", commas dropped
+        assert all(r.answer.lstrip("-").replace(".", "", 1).isdigit() for r in records)
+
+
+def test_shipped_files_are_recorded_with_their_sources() -> None:
+    import hashlib
+
+    from qae.data import BENCHMARK_DIR
+
+    sources = (BENCHMARK_DIR / "SOURCES.md").read_text(encoding="utf-8")
+    shipped = sorted(p.name for p in BENCHMARK_DIR.glob("*.jsonl"))
+    wanted = sorted(
+        next(f for f in b.files if (BENCHMARK_DIR / f).is_file()) for b in BENCHMARKS.values()
+    )
+    assert shipped == wanted
+    for name, bench in BENCHMARKS.items():
+        (file,) = [f for f in bench.files if (BENCHMARK_DIR / f).is_file()]
+        digest = hashlib.sha256((BENCHMARK_DIR / file).read_bytes()).hexdigest()
+        assert f"{digest}  {file}" in sources, f"{file}: SHA-256 in SOURCES.md is stale"
+        assert f"`{bench.hub_id}`" in sources and "licence" in sources.lower(), name
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"benchmarks_data/*"' in pyproject  # installed with the package
+
+
+def test_data_dir_and_other_splits_take_precedence(monkeypatch, tmp_path: Path) -> None:
+    mine = _write_jsonl(tmp_path / "amc23.jsonl", [{"problem": "1+1?", "answer": 2}])
+    assert [r.answer for r in load_prompts("amc23", data_dir=tmp_path)] == ["2"]
+    assert load_prompts("amc23", data_dir=tmp_path / "empty")[0].answer == "27"  # shipped
+    calls = _fake_hub(monkeypatch)
+    load_prompts("amc23", split="train", data_dir=tmp_path / "empty")
+    assert calls == [("math-ai/amc23", None, "train")]
+    assert load_prompts(mine)[0].answer == "2"
+
+
+def test_an_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qae.errors import RunError
+
+    class ConnectError(Exception):  # like httpx's: not an OSError
+        pass
+
+    def load_dataset(hub_id, config, split):
+        raise ConnectError("[Errno 111] Connection refused\nretrying ...")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(RunError) as info:
+        load_prompts("someone/some-dataset")
+    message = str(info.value)
+    assert "\n" not in message and "'someone/some-dataset'" in message
+    assert "ConnectError: [Errno 111] Connection refused" in message
+    assert "aime24, aime25, amc23, math500, gsm8k" in message

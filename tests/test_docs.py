@@ -242,6 +242,43 @@ def test_optional_nav_pages_are_pruned_only_when_missing(tmp_path):
     assert pruned == [{"A": "a.md"}, {"C": "c.md"}]
 
 
+_BULLET = re.compile(r"^(\s*)[-*+] ")
+# Files whose owner has yet to add the blank line; the test fails once one is fixed, so
+# that its entry goes too.
+_LIST_FIX_PENDING: set[str] = set()
+
+
+def _glued_lists(path: Path) -> list[str]:
+    """Docstring bullet lists that start right under a paragraph line at the same indent:
+    Markdown (mkdocstrings, Google style) renders them as part of that paragraph."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    found = []
+    for node in nodes:
+        lines = (ast.get_docstring(node) or "").splitlines()
+        for prev, line in zip(lines, lines[1:], strict=False):
+            m = _BULLET.match(line)
+            indent = len(prev) - len(prev.lstrip())
+            if m and prev.strip() and not _BULLET.match(prev) and indent == len(m.group(1)):
+                found.append(f"{getattr(node, 'name', 'module')}: {prev.strip()[:60]!r}")
+    return found
+
+
+def test_docstring_lists_are_set_off_by_a_blank_line():
+    """A bullet list in a docstring needs a blank line above it, or the API page renders
+    the items as one run-on paragraph."""
+    glued = {}
+    for path in sorted((ROOT / "src" / "qae").rglob("*.py")):
+        if found := _glued_lists(path):
+            glued[str(path.relative_to(ROOT / "src" / "qae"))] = found
+    fixed = _LIST_FIX_PENDING - set(glued)
+    assert not fixed, f"fixed now, remove from _LIST_FIX_PENDING: {sorted(fixed)}"
+    bad = {k: v for k, v in glued.items() if k not in _LIST_FIX_PENDING}
+    assert not bad, f"add a blank line before these docstring lists: {bad}"
+
+
 # --------------------------------------------------------------------------------------
 # Runnable snippets
 

@@ -320,3 +320,81 @@ def test_eval_cli(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     assert load_prompts(data)[0].answer == "2"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--data", "d", "--out", "o", "--k", "a"])
+
+
+# --------------------------------------------------------------------------------------
+# qae eval: flags checked first, a default --out, the model names train takes
+
+_TINY_EVAL = ["--limit", "2", "--n", "2", "--k", "1,2", "--no-progress", "--workers", "0"]
+
+
+def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("qae.evaluation._load_model", refuse)
+
+
+def test_eval_rejects_k_above_n_before_loading_anything(monkeypatch, tmp_path, capsys) -> None:
+    from qae.cli import main
+
+    _no_model_load(monkeypatch)
+    argv = ["eval", "--model", "builtin", "--data", "builtin:arithmetic", "--n", "4"]
+    assert main([*argv, "--k", "1,8", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "qae eval: error: --k 1,8 asks for pass@8 from --n 4 samples per problem: every k "
+        "must be in [1, n]; raise --n or lower --k"
+    )
+    assert main([*argv, "--limit", "-1"]) == 2  # --k defaults to 1 and min(16, n)
+    err = capsys.readouterr().err.strip()
+    assert err == "qae eval: error: --limit must be >= 0, got --limit -1"
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_without_out_writes_to_a_printed_default(monkeypatch, tmp_path, capsys) -> None:
+    from qae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "builtin", "--data", "builtin:arithmetic", *_TINY_EVAL]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    (out,) = list((tmp_path / "runs").glob("eval-*"))
+    assert first == f"qae eval: writing to runs/{out.name} (the same --out resumes this evaluation)"
+    assert (out / "summary.json").is_file() and (out / "samples.jsonl").is_file()
+
+
+@pytest.mark.parametrize("name", ["builtin", "builtin:arithmetic"])
+def test_eval_and_train_take_the_same_builtin_model_names(name, tmp_path, capsys) -> None:
+    from qae.cli import main
+    from qae.trainer import load_policy
+
+    out = tmp_path / "e"
+    argv = ["eval", "--model", name, "--data", "builtin:arithmetic", *_TINY_EVAL]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["benchmarks"]["arithmetic"]["problems"] == 2
+    model, _ = load_policy(name, torch.device("cpu"))
+    assert model.config.vocab_size == 16  # the arithmetic task's shipped policy
+    bad = ["eval", "--model", "builtin:chess", "--data", "builtin:arithmetic", *_TINY_EVAL]
+    assert main([*bad, "--out", str(tmp_path / "x")]) == 2
+    assert "--model='builtin:chess' names no built-in task" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="names no built-in task"):
+        load_policy("builtin:chess", torch.device("cpu"))
+
+
+def test_eval_with_an_unreachable_hub_model_is_one_line(tmp_path) -> None:
+    """A hub id with no network (offline mode, empty cache) ends in one line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["HF_HOME"] = str(tmp_path / "hf")
+    argv = ["eval", "--model", "someorg/missing-model", "--data", "aime24", *_TINY_EVAL]
+    proc = subprocess.run(
+        [sys.executable, "-m", "qae.cli", *argv, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("qae eval: error: --model 'someorg/missing-model' could not be loaded")

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,3 +429,12 @@ def test_simulate_rejects_unknown_checks(tmp_path):
     args = parser.parse_args(["simulate", "--out", str(tmp_path), "--checks", "baseline,nope"])
     with pytest.raises(ValueError, match="unknown checks"):
         args.func(args)
+
+
+def test_simulate_writes_under_the_git_ignored_runs_folder_by_default():
+    parser = argparse.ArgumentParser(prog="qae")
+    add_simulate_parser(parser.add_subparsers(dest="command"))
+    out = Path(parser.parse_args(["simulate"]).out)
+    assert out.parts[0] == "runs"
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "runs/" in ignored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import re
@@ -207,3 +208,56 @@ def test_missing_directory_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no run"):
         discover_runs([tmp_path / "empty"])
+
+
+def _interrupted(root: Path) -> None:
+    """qae: 2 seeds, finished. mean: 1 seed stopped at step 3 of 10, validated at step 0 only."""
+    write_run(root / "qae" / "seed0",
+              rows_of([0.2, 0.4, 0.6, 0.8], (0.1, 0.2), (0.5, 0.6), [1.0, 0.8, 0.6, 0.4]),
+              steps=4, seed=0)  # fmt: skip
+    write_run(root / "qae" / "seed1",
+              rows_of([0.1, 0.7, 0.5, 0.9], (0.1, 0.2), (0.7, 0.9), [1.0, 0.9, 0.8, 0.6]),
+              steps=4, seed=1)  # fmt: skip
+    rows = rows_of([0.1, 0.2, 0.3], (0.15, 0.25), (0.2, 0.4), [1.0, 1.0, 1.0])
+    del rows[-1]["val/pass@1"], rows[-1]["val/pass@2"]  # killed before its next validation
+    write_run(root / "mean" / "seed0", rows, steps=10, seed=0, estimator="grpo")
+
+
+def test_an_interrupted_run_says_which_step_its_final_values_are_from(tmp_path: Path) -> None:
+    _interrupted(tmp_path / "cmp")
+    result = build_report([tmp_path / "cmp"], tmp_path / "r", target=0.6, window=1, tail=2)
+    (note,) = result.notes
+    assert note.startswith("mean seed 0: at step 3 of 10 (still running or stopped)")
+    assert "held-out pass@1 (final) and held-out pass@2 (final) are from step 0" in note
+    assert "before any update" in note and "up to step 3" in note
+    table = (tmp_path / "r" / "table.md").read_text()
+    mean = next(line for line in table.splitlines() if line.startswith("| mean |"))
+    assert "| 0.150 (from step 0) | 0.250 (from step 0) |" in mean
+    qae = next(line for line in table.splitlines() if line.startswith("| qae |"))
+    assert "from step" not in qae  # finished runs validated at their last step
+    assert html.escape(note) in result.html.read_text()
+
+
+def test_a_single_seed_has_no_spread(tmp_path: Path) -> None:
+    _interrupted(tmp_path / "cmp")
+    result = build_report([tmp_path / "cmp"], tmp_path / "r", target=0.6, window=1, tail=2)
+    table = (tmp_path / "r" / "table.md").read_text()
+    mean = next(line for line in table.splitlines() if line.startswith("| mean |"))
+    assert "\u00b1" not in mean and "| 0.250 | 1.000 |" in mean  # last-2 accuracy, entropy
+    qae = next(line for line in table.splitlines() if line.startswith("| qae |"))
+    assert "0.600 \u00b1 0.141" in qae  # two seeds keep their spread
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    cells = {c["name"]: c["cells"] for c in summary["configs"]}
+    assert cells["mean"]["val/pass@1"]["std"] is None
+    assert cells["qae"]["val/pass@1"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert cells["mean"]["val/pass@1"]["per_seed_step"] == [0]
+    assert "0.250 \u00b1 0.000" not in result.html.read_text()
+
+
+def test_html_headings_are_the_figure_titles(synthetic: Path, tmp_path: Path) -> None:
+    result = build_report([synthetic], tmp_path / "r", target=0.6, window=1, tail=2)
+    headings = dict(re.findall(r'<h3 id="([^"]+)">([^<]*)</h3>', result.html.read_text()))
+    assert set(headings) == set(result.figures)
+    assert headings["val_passk"] == "Held-out pass@2"
+    assert headings["entropy"] == "Policy entropy on training rollouts"
+    assert not set(headings.values()) & set(headings)  # no heading is a file stem

@@ -186,9 +186,10 @@ def test_build_report_adds_diagnostics(tmp_path: Path) -> None:
     page = (out / "report.html").read_text()
     assert "<h2>Entropy diagnostics</h2>" in page
     for stem in stems:
-        assert f'alt="{stem}"' in page
+        assert f'<h3 id="{stem}">' in page
+    assert '<h3 id="diag_tracking">Predicted vs measured entropy change' in page
     # the diagnostics come after the main figures, which are unchanged
-    assert page.index('alt="entropy"') < page.index("Entropy diagnostics")
+    assert page.index('id="entropy"') < page.index("Entropy diagnostics")
     assert "diag_tracking" not in summary["figures"]
 
 

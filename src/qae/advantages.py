@@ -15,6 +15,7 @@ All estimators are vectorized: the batch is grouped with sorts and scatter-adds,
 with a Python loop over groups, so the cost is O(B log B) whatever the number of groups.
 
 Numerics that callers rely on:
+
 - a group whose rewards are all equal gets advantage exactly 0 (sums are taken relative
   to one member of the group, so no float residue survives);
 - a group of one response gets 0 by default (``singleton="raw"`` gives the raw reward, as

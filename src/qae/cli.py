@@ -24,28 +24,37 @@ computation over the group: beyond this group size the table is neither readable
 
 
 def _regimes(args: argparse.Namespace) -> int:
-    """Print the binary-reward gate for one group size: baseline and advantages per count."""
-    from qae.advantages import compute_advantages, group_quantile
+    """Print the binary-reward gate for one group size: baseline and advantages per count.
 
-    g = args.group_size
+    Every flag is checked and every line computed before the first is printed, so a bad
+    value ends in the one error line and nothing else."""
+    g, k = args.group_size, args.k
     if not 2 <= g <= MAX_REGIMES_GROUP_SIZE:
         raise ValueError(
             f"--group-size must be in [2, {MAX_REGIMES_GROUP_SIZE}] (one line per count of "
             f"correct responses), got {g}"
         )
-    print(
-        f"QAE gate with G={g}, K={args.k}, quantile={args.quantile_method} "
-        f"(binary rewards; hard when p <= 1-K = {1 - args.k:.3g})"
-    )
+    if not 0 < k < 1:
+        raise ValueError(f"--k must be a quantile level in (0, 1), got {k}")
+    print("\n".join(_regimes_lines(g, k, args.quantile_method)))
+    return 0
+
+
+def _regimes_lines(g: int, k: float, method: str) -> list[str]:
+    """The ``qae regimes`` table: a title, a header and one line per count of successes."""
+    from qae.advantages import compute_advantages, group_quantile
+
     header = f"{'correct':>7} {'p':>6} {'baseline':>9} {'A(success)':>11} {'A(fail)':>9}  regime"
-    print(header)
-    print("-" * len(header))
+    lines = [
+        f"QAE gate with G={g}, K={k}, quantile={method} "
+        f"(binary rewards; hard when p <= 1-K = {1 - k:.3g})",
+        header,
+        "-" * len(header),
+    ]
     for c in range(g + 1):
         rewards = torch.tensor([1.0] * c + [0.0] * (g - c), dtype=torch.float64)
-        adv = compute_advantages(
-            rewards, [0] * g, "qae", k=args.k, quantile_method=args.quantile_method
-        )
-        b = float(group_quantile(rewards, [0] * g, args.k, method=args.quantile_method)[0])
+        adv = compute_advantages(rewards, [0] * g, "qae", k=k, quantile_method=method)
+        b = float(group_quantile(rewards, [0] * g, k, method=method)[0])
         a_s = f"{float(adv[0]):+.3f}" if c else "-"
         a_f = f"{float(adv[-1]):+.3f}" if c < g else "-"
         if c in (0, g):
@@ -56,8 +65,8 @@ def _regimes(args: argparse.Namespace) -> int:
             regime = "easy: only failures are pushed down"
         else:
             regime = "interpolated baseline"
-        print(f"{c:>7} {c / g:>6.3f} {b:>9.3f} {a_s:>11} {a_f:>9}  {regime}")
-    return 0
+        lines.append(f"{c:>7} {c / g:>6.3f} {b:>9.3f} {a_s:>11} {a_f:>9}  {regime}")
+    return lines
 
 
 # Short flags for the fields people change most.

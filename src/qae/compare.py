@@ -353,8 +353,11 @@ class _Progress:
         self._lines = 0
         self._last_t = 0.0
         self._last_key: tuple = ()
+        self._last_text = ""
 
     def show(self, states: Sequence[RunState], force: bool = False) -> None:
+        """Print the table if a status changed or ``every`` seconds passed; ``force`` prints
+        it unless the very same table is the last one printed (the final table once)."""
         if self.stream is None:
             return
         key = tuple(s.status for s in states)
@@ -362,6 +365,9 @@ class _Progress:
         if not force and key == self._last_key and now - self._last_t < self.every:
             return
         text = render_progress(states, now)
+        if force and text == self._last_text:
+            return
+        self._last_text = text
         if self.tty and self._lines:
             self.stream.write(f"\x1b[{self._lines}F\x1b[J")
         elif not self.tty:

@@ -9,9 +9,11 @@ understood:
 - the verl / DAPO schema: ``prompt`` is a list of chat messages and the answer is
   ``reward_model.ground_truth``.
 
-Known benchmark names (``aime24``, ``aime25``, ``amc23``, ``math500``, ``gsm8k``) resolve to
-a local ``<name>.jsonl`` in ``data_dir`` when one exists, else to their usual Hugging Face
-dataset (this needs the optional ``datasets`` package and internet access).
+Known benchmark names (``aime24``, ``aime25``, ``amc23``, ``math500``, ``gsm8k``) resolve,
+in this order, to a ``<name>.jsonl`` in ``data_dir`` when one exists, to the copy shipped
+with qae (``qae/benchmarks_data``, sources and licences in its ``SOURCES.md``; used for the
+benchmark's own split), and else to their Hugging Face dataset (this needs the optional
+``datasets`` package and a network).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qae.errors import RunError
 from qae.rewards.extract import ground_truth_text
 
 __all__ = [
     "BENCHMARKS",
+    "BENCHMARK_DIR",
     "Benchmark",
     "PromptRecord",
     "load_prompts",
@@ -60,9 +64,14 @@ class PromptRecord:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks_data"
+"""The evaluation sets shipped with qae (``SOURCES.md`` there records sources and licences)."""
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """Where a known benchmark lives on the Hugging Face hub, and its local file names."""
+    """Where a known benchmark lives on the Hugging Face hub, and its local file names (the
+    first one that exists in ``data_dir``, then in :data:`BENCHMARK_DIR`, is read)."""
 
     hub_id: str
     split: str
@@ -237,6 +246,8 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parque
 
 
 def _read_hub(hub_id: str, *, config: str | None, split: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset split; a failure to reach or read it is one line (``RunError``)
+    that says what works offline. A ``ValueError`` (a bad split name) passes through."""
     try:
         import datasets
     except ImportError:
@@ -244,7 +255,28 @@ def _read_hub(hub_id: str, *, config: str | None, split: str) -> list[dict[str, 
             f"loading the hub dataset {hub_id!r} needs the 'datasets' package: "
             "pip install 'qae[data]'; or pass a local .jsonl / .parquet file"
         ) from None
-    return list(datasets.load_dataset(hub_id, config, split=split))
+    try:
+        return list(datasets.load_dataset(hub_id, config, split=split))
+    except ValueError:
+        raise
+    except Exception as err:  # offline, not found, a network error of any HTTP client
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RunError(
+            f"could not load the hub dataset {hub_id!r} (split {split!r}): "
+            f"{type(err).__name__}: {first}; without a network, pass a local .jsonl / "
+            f".parquet file or a shipped benchmark ({', '.join(BENCHMARKS)})"
+        ) from err
+
+
+def _benchmark_file(
+    bench: Benchmark, split: str | None, data_dir: str | os.PathLike[str] | None
+) -> Path | None:
+    """The local file of a benchmark: one in ``data_dir``, else the shipped copy (only for
+    the benchmark's own split); None sends the caller to the hub."""
+    folders = [Path(data_dir)] if data_dir is not None else []
+    if split is None or split == bench.split:
+        folders.append(BENCHMARK_DIR)
+    return next((d / f for d in folders for f in bench.files if (d / f).is_file()), None)
 
 
 def load_prompts(
@@ -261,11 +293,13 @@ def load_prompts(
 
     Args:
         source: a ``.jsonl`` / ``.json`` / ``.parquet`` path; a known benchmark name
-            (``aime24``, ``aime25``, ``amc23``, ``math500``, ``gsm8k``); or a Hugging Face
-            dataset id (``org/name``, needs ``datasets``).
-        split: dataset split for hub sources (default: the benchmark's, else ``train``).
+            (``aime24``, ``aime25``, ``amc23``, ``math500``, ``gsm8k``: shipped with qae,
+            so no network is needed); or a Hugging Face dataset id (``org/name``, needs
+            ``datasets`` and a network).
+        split: dataset split for hub sources (default: the benchmark's, else ``train``);
+            another split of a benchmark than the shipped one is read from the hub.
         problem_key, answer_key, id_key: field mapping; see :func:`records_from_rows`.
-        data_dir: a folder searched for ``<benchmark>.jsonl`` before going to the hub.
+        data_dir: a folder searched for ``<benchmark>.jsonl`` before the shipped copy.
         limit: keep only the first ``limit`` records.
 
     Returns:
@@ -283,8 +317,7 @@ def load_prompts(
         name = path.stem
     elif text in BENCHMARKS:
         bench = BENCHMARKS[text]
-        local = [Path(data_dir) / f for f in bench.files] if data_dir is not None else []
-        found = next((p for p in local if p.is_file()), None)
+        found = _benchmark_file(bench, split, data_dir)
         if found is not None:
             rows = _read_jsonl(found)
             origin = str(found)

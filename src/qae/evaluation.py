@@ -580,13 +580,41 @@ def _load_model(name: str, device: str, dtype: Any) -> tuple[Any, Any]:
     return model.to(device), tokenizer
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Reject flags that cannot work before anything is loaded, naming the flags."""
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1 (samples per problem), got --n {args.n}")
+    if args.k is None:
+        args.k = sorted({1, min(16, args.n)})
+    bad = [k for k in args.k if not 1 <= k <= args.n]
+    if bad:
+        raise ValueError(
+            f"--k {','.join(map(str, args.k))} asks for pass@{bad[0]} from --n {args.n} "
+            f"samples per problem: every k must be in [1, n]; raise --n or lower --k"
+        )
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got --limit {args.limit}")
+    _check_args(args.n, args.k, args.temperature, args.top_p, args.batch_size)
+
+
+def _default_out(now: float | None = None) -> str:
+    """The output folder of a ``qae eval`` without ``--out``: ``runs/eval-<date>-<time>``."""
+    import time
+
+    return time.strftime("runs/eval-%Y%m%d-%H%M%S", time.localtime(now))
+
+
 def _run_eval(args: argparse.Namespace) -> int:
-    """``qae eval``: load the model and the data, evaluate, print the table."""
+    """``qae eval``: check the flags, load the data and the model, evaluate, print the table."""
     import torch
 
     from qae.data import load_prompts
     from qae.tasks.builtin import builtin_records, is_builtin
 
+    _check_flags(args)
+    if not args.out:
+        args.out = _default_out()
+    print(f"qae eval: writing to {args.out} (the same --out resumes this evaluation)", flush=True)
     records: list[PromptRecord] = []
     sources = [s.strip() for s in args.data.split(",") if s.strip()]
     for source in sources:
@@ -655,11 +683,15 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help="comma-separated benchmark names (aime24, aime25, amc23, math500, gsm8k), "
-        ".jsonl/.parquet files, hub dataset ids, or a built-in task's validation split "
-        "(builtin:arithmetic, builtin:reasoning)",
+        help="comma-separated benchmark names (aime24, aime25, amc23, math500, gsm8k: shipped "
+        "with qae, no network needed), .jsonl/.parquet files, hub dataset ids, or a built-in "
+        "task's validation split (builtin:arithmetic, builtin:reasoning)",
     )
-    p.add_argument("--data-dir", default=None, help="folder searched for <benchmark>.jsonl")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder searched for <benchmark>.jsonl before the copy shipped with qae",
+    )
     p.add_argument("--split", default=None, help="dataset split for hub sources")
     p.add_argument("--problem-key", default=None, help="field holding the problem")
     p.add_argument("--answer-key", default=None, help="field holding the answer (dots allowed)")
@@ -673,7 +705,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         help="response length limit (0: a built-in task's own, else 1024)",
     )
-    p.add_argument("--k", type=_parse_ks, default=[1, 16], help="pass@k values, e.g. 1,16")
+    p.add_argument(
+        "--k",
+        type=_parse_ks,
+        default=None,
+        help="pass@k values, e.g. 1,16 (default: 1 and min(16, n))",
+    )
     p.add_argument(
         "--template",
         default="auto",
@@ -686,7 +723,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="auto",
         help="registered reward function name (auto: a built-in task's verifier, else math)",
     )
-    p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder, resumed if it holds the same evaluation (default: "
+        "runs/eval-<date>-<time>, printed at the start)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--workers", type=int, default=None, help="scoring processes (0: in-process)")

@@ -45,7 +45,9 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "its closed form. Writes PNG figures and summary.json into --out and prints a "
         "verdict table.",
     )
-    p.add_argument("--out", default="simulate_out", help="output directory (created)")
+    p.add_argument(
+        "--out", default="runs/simulate", help="output directory (created; runs/ is git-ignored)"
+    )
     p.add_argument(
         "--checks",
         default=",".join(checks.CHECKS),

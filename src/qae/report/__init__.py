@@ -26,7 +26,7 @@ from qae.report.diagnostics import (
     make_diagnostic_figures,
     run_tracking,
 )
-from qae.report.figures import FIGURES, FigureSpec, make_figures
+from qae.report.figures import FIGURES, FigureSpec, figure_titles, make_figures
 from qae.report.html import markdown_table, write_html
 from qae.report.runs import RunData, discover_runs, group_runs, load_run, tensorboard_available
 from qae.report.stats import (
@@ -55,6 +55,7 @@ __all__ = [
     "diagnostics_html",
     "diagnostics_summary",
     "discover_runs",
+    "figure_titles",
     "first_step_reaching",
     "group_runs",
     "load_run",
@@ -66,6 +67,7 @@ __all__ = [
     "smooth",
     "summary_table",
     "tensorboard_available",
+    "unfinished_note",
     "write_html",
 ]
 
@@ -87,6 +89,30 @@ def _finite(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
+def unfinished_note(run: RunData, columns: Sequence[Column], tail: int) -> str:
+    """What the table holds for a run that stopped before its planned last step: the step
+    of each ``final`` value (its last validation, perhaps step 0, before any update) and
+    the steps its ``last N`` columns average."""
+    head = (
+        f"{run.name} seed {run.seed}: at step {run.last_step} of {run.planned_steps} "
+        f"(still running or stopped)"
+    )
+    finals: dict[int, list[str]] = {}
+    for col in columns:
+        step = run.final_step(col.key) if col.how == "last" else None
+        if step is not None:
+            finals.setdefault(step, []).append(col.label)
+    parts = [
+        f"its {' and '.join(labels)} {'is' if len(labels) == 1 else 'are'} from step {step}"
+        + (", before any update" if step == 0 else "")
+        for step, labels in sorted(finals.items())
+    ]
+    if any(col.how == "tail" for col in columns):
+        parts.append(f"its 'last {tail}' columns average its last {tail} logged steps, up "
+                     f"to step {run.last_step}")  # fmt: skip
+    return "; ".join([head, *parts])
+
+
 def build_report(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -105,12 +131,6 @@ def build_report(
         raise ValueError(f"no readable run under {', '.join(map(str, paths))}")
     if window < 1 or tail < 1:
         raise ValueError(f"window and tail must be >= 1, got window={window}, tail={tail}")
-    for r in runs:
-        if not r.finished:
-            notes.append(
-                f"{r.name} seed {r.seed}: at step {r.last_step} of {r.planned_steps} "
-                f"(still running or stopped); its final values are from step {r.last_step}"
-            )
     groups = group_runs(runs)
     out = Path(out)
     figures = make_figures(groups, out, window=window)
@@ -121,6 +141,7 @@ def build_report(
     columns, rows = summary_table(
         groups, target=target, target_metric=target_metric, window=window, tail=tail
     )
+    notes.extend(unfinished_note(r, columns, tail) for r in runs if not r.finished)
     table = markdown_table(columns, rows, target=target, target_metric=target_metric, window=window)
     (out / "table.md").write_text(table)
     summary = {
@@ -139,8 +160,9 @@ def build_report(
                 "cells": {
                     k: {
                         "mean": _finite(m),
-                        "std": _finite(s),
+                        "std": _finite(s) if row.finite(k) > 1 else None,
                         "per_seed": [_finite(v) for v in vals],
+                        "per_seed_step": row.steps[k],
                     }
                     for k, (m, s, vals) in row.cells.items()
                 },
@@ -173,6 +195,7 @@ def build_report(
         notes=notes,
         intro=intro,
         sections=[diagnostics_html(diag_figures, diag_summary, tail)],
+        titles=figure_titles(runs),
     )
     all_figures = {**figures, **diag_figures}
     return ReportResult(out, html_path, all_figures, columns, rows, runs, notes)

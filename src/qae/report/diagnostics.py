@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from qae.diagnostics import tracking
-from qae.report.figures import FigureSpec, make_figures
+from qae.report.figures import FigureSpec, figure_titles, make_figures
 from qae.report.runs import RunData
 from qae.report.stats import aggregate, tail_mean
 
@@ -62,6 +62,14 @@ DIAGNOSTIC_FIGURES = (
                "std of mean response length (tokens)", ("response/len_volatility",), ymin=0.0),
 )  # fmt: skip
 """Per-step diagnostics drawn like the main figures (one panel per metric)."""
+
+_DRAWN_TITLES = {
+    "diag_tracking": "Predicted vs measured entropy change, one point per step",
+    "diag_tokens": "Token-level views: entropy of the tokens with A \u2260 0 and gradient share "
+    "of the highest-entropy tokens",
+    "diag_entropy_hist": "Token-entropy histograms of training rollouts at chosen steps",
+}
+"""Headings of the diagnostics figures drawn here rather than from a :class:`FigureSpec`."""
 
 _TOKENS_ALL = "tokens/entropy_all"
 _TOKENS_NZ = "tokens/entropy_nonzero_adv"
@@ -406,6 +414,7 @@ def diagnostics_html(
             ]
             parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
+    titles = {**figure_titles([], DIAGNOSTIC_FIGURES), **_DRAWN_TITLES}
     for stem, fig in figures.items():
-        parts.append(figure_html(stem, fig))
+        parts.append(figure_html(stem, fig, titles.get(stem, stem)))
     return "\n".join(parts)

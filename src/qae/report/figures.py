@@ -16,7 +16,7 @@ import numpy as np
 from qae.report.runs import RunData
 from qae.report.stats import aggregate, pass_k_key
 
-__all__ = ["FIGURES", "FigureSpec", "make_figures"]
+__all__ = ["FIGURES", "FigureSpec", "figure_titles", "make_figures"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,17 @@ FIGURES = (
                ("adv/k",), ylim=(0.0, 1.0)),
 )  # fmt: skip
 """The figures ``qae report`` draws (``val/pass@k`` becomes the largest logged k)."""
+
+
+def _title(spec: FigureSpec, kkey: str | None) -> str:
+    """The figure's title, ``pass@k`` named by the largest logged k (``kkey``)."""
+    return spec.title.replace("pass@k", kkey.split("/", 1)[1]) if kkey else spec.title
+
+
+def figure_titles(runs: Sequence[RunData], specs: Sequence[FigureSpec] = FIGURES) -> dict[str, str]:
+    """File stem -> the title drawn on that figure (the report page's headings)."""
+    kkey = pass_k_key(runs)
+    return {spec.stem: _title(spec, kkey) for spec in specs}
 
 
 def _colors(names: Sequence[str]) -> dict[str, str]:
@@ -136,7 +147,7 @@ def make_figures(
             if i == n - 1:  # one legend, outside the axes, so it never hides a curve
                 ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         how = f"{window}-step trailing mean, " if w > 1 else ""
-        title = spec.title.replace("pass@k", kkey.split("/", 1)[1]) if kkey else spec.title
+        title = _title(spec, kkey)
         fig.suptitle(f"{title}\nmean over seeds ({how}band = \u00b11 std over seeds)", fontsize=11)
         fig.tight_layout()
         path = out / f"{spec.stem}.png"

@@ -26,18 +26,22 @@ code { background: #f6f6f6; padding: 0 0.2em; }
 """
 
 
-def format_cell(mean: float, std: float, digits: int = 3) -> str:
-    """``mean ± std`` (``-`` when no run logged the metric)."""
+def format_cell(mean: float, std: float, n: int | None = None, digits: int = 3) -> str:
+    """``mean ± std`` over ``n`` seeds: ``-`` when no run logged the metric, the bare value
+    when one seed did (one value has no spread)."""
     if not math.isfinite(mean):
         return "-"
+    if n is not None and n < 2:
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} \u00b1 {std:.{digits}f}"
 
 
-def figure_html(stem: str, path: str | os.PathLike) -> str:
-    """A heading and the PNG at ``path`` inlined as a ``data:image/png`` URI."""
+def figure_html(stem: str, path: str | os.PathLike, title: str) -> str:
+    """A heading (``title``, the figure's own title) and the PNG at ``path`` inlined as a
+    ``data:image/png`` URI; ``stem`` is the anchor."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    stem = html.escape(stem)
-    return f'<h3>{stem}</h3><img alt="{stem}" src="data:image/png;base64,{data}">'
+    stem, title = html.escape(stem), html.escape(title)
+    return f'<h3 id="{stem}">{title}</h3><img alt="{title}" src="data:image/png;base64,{data}">'
 
 
 def _first_steps(row: TableRow) -> str:
@@ -57,11 +61,24 @@ def _header(columns: Sequence[Column], target: float, target_metric: str, window
     )
 
 
+def _value_cell(row: TableRow, column: Column) -> str:
+    """One cell; a ``last`` value taken before a run's planned end names its step(s)."""
+    mean, std, _ = row.cells[column.key]
+    text = format_cell(mean, std, row.finite(column.key))
+    steps = row.steps.get(column.key, [])
+    early = sorted(
+        {s for s, end in zip(steps, row.end_steps, strict=False) if s is not None and s < end}
+    )
+    if column.how == "last" and early and math.isfinite(mean):
+        text += f" (from step {', '.join(map(str, early))})"
+    return text
+
+
 def _cells(row: TableRow, columns: Sequence[Column]) -> list[str]:
     seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
     return (
         [row.name, f"{seeds} ({row.finished}/{len(row.seeds)})"]
-        + [format_cell(*row.cells[c.key][:2]) for c in columns]
+        + [_value_cell(row, c) for c in columns]
         + [_first_steps(row)]
     )
 
@@ -74,7 +91,8 @@ def markdown_table(
     target_metric: str,
     window: int,
 ) -> str:
-    """The final table as GitHub Markdown (mean ± sample std over seeds)."""
+    """The final table as GitHub Markdown (mean ± sample std over seeds; a value alone when
+    one seed logged it; ``(from step S)`` after a final value logged before a run's end)."""
     head = _header(columns, target, target_metric, window)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -96,9 +114,11 @@ def write_html(
     notes: Sequence[str] = (),
     intro: str = "",
     sections: Sequence[str] = (),
+    titles: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write the report page; every figure is inlined as a ``data:image/png`` URI.
-    ``sections`` are extra HTML fragments placed after the figures."""
+    """Write the report page; every figure is inlined as a ``data:image/png`` URI under its
+    title (``titles[stem]``, else the stem). ``sections`` are extra HTML fragments placed
+    after the figures."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -112,9 +132,11 @@ def write_html(
         parts.append(f'<p class="note">{esc(note)}</p>')
     parts.append("<h2>Final table</h2>")
     parts.append(
-        "<p>Each cell is the mean \u00b1 sample standard deviation over seeds. "
-        "&ldquo;Final&rdquo; is the last validation; &ldquo;last N&rdquo; averages a run's "
-        "last N logged steps before taking the mean over seeds.</p>"
+        "<p>Each cell is the mean \u00b1 sample standard deviation over seeds; a value "
+        "without \u00b1 comes from a single seed. &ldquo;Final&rdquo; is a run's last "
+        "validation, and &ldquo;(from step S)&rdquo; marks one taken before the run's "
+        "planned end; &ldquo;last N&rdquo; averages a run's last N logged steps before "
+        "taking the mean over seeds.</p>"
     )
     head = _header(columns, target, target_metric, window)
     parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
@@ -123,7 +145,7 @@ def write_html(
     parts.append("</table>")
     parts.append("<h2>Figures</h2>")
     for stem, fig in figures.items():
-        parts.append(figure_html(stem, fig))
+        parts.append(figure_html(stem, fig, (titles or {}).get(stem, stem)))
     parts.extend(s for s in sections if s)
     parts.append("<h2>Runs</h2><table><tr><th>configuration</th><th>seed</th><th>last step</th>"
                  "<th>planned steps</th><th>source</th><th>directory</th></tr>")  # fmt: skip

@@ -78,6 +78,16 @@ class RunData:
         steps, values = self.get(key)
         return float(values[-1]) if len(values) else math.nan
 
+    def final_step(self, key: str) -> int | None:
+        """The last step that logged ``key``: where :meth:`final` comes from (None if none)."""
+        steps, _ = self.get(key)
+        return int(steps[-1]) if len(steps) else None
+
+    @property
+    def end_step(self) -> int:
+        """The step the run was meant to end at: its planned steps, else its last step."""
+        return self.planned_steps if self.planned_steps is not None else self.last_step
+
 
 def _series_from_rows(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     cols: dict[str, dict[int, float]] = {}

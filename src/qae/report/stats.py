@@ -156,6 +156,16 @@ class TableRow:
     """column key -> (mean, std, per-seed values)."""
     first_steps: list[int | None] = field(default_factory=list)
     """Per seed: first step reaching the target (None: never)."""
+    steps: dict[str, list[int | None]] = field(default_factory=dict)
+    """column key -> per seed, the step its value comes from (``last`` columns: the last
+    step that logged the metric; ``tail`` columns: the last step of the averaged window;
+    None: never logged)."""
+    end_steps: list[int] = field(default_factory=list)
+    """Per seed: the step the run was meant to end at (planned steps, else last step)."""
+
+    def finite(self, key: str) -> int:
+        """How many seeds have a finite value in column ``key``."""
+        return sum(1 for v in self.cells[key][2] if v is not None and math.isfinite(v))
 
 
 def summary_table(
@@ -182,12 +192,14 @@ def summary_table(
     rows = []
     for name, runs in groups.items():
         row = TableRow(name, [r.seed for r in runs], sum(r.finished for r in runs))
+        row.end_steps = [r.end_step for r in runs]
         for col in resolved:
             vals = [
                 r.final(col.key) if col.how == "last" else tail_mean(r, col.key, tail) for r in runs
             ]
             m, s = mean_std(vals)
             row.cells[col.key] = (m, s, vals)
+            row.steps[col.key] = [r.final_step(col.key) for r in runs]
         for r in runs:
             steps, values = r.get(target_metric)
             row.first_steps.append(first_step_reaching(steps, values, target, window))

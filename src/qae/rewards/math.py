@@ -12,6 +12,7 @@ key ``(ground truth text, candidate answers)``, and :meth:`MathReward.score_prep
 distinct key once, in worker processes; each worker parses a ground truth once.
 
 Time bounds, in layers:
+
 - extracted answers longer than ``MAX_ANSWER_CHARS`` score 0 before sympy sees them;
 - in the main thread the whole parse + verify runs under a ``SIGALRM`` timer (our own,
   covering every comparison at once; ``math-verify``'s own per-comparison alarms are off).
