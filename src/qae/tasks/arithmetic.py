@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from qae.tasks.splits import balanced
+from qae.tasks.splits import SplitSpec, balanced
 
 __all__ = [
     "ALPHABET",
@@ -83,15 +83,9 @@ LEVELS: tuple[Level, ...] = (
 """Difficulty levels; a record's ``difficulty`` is the 1-based index into this tuple."""
 
 
-@dataclass(frozen=True)
-class _SplitSpec:
-    size: int
-    seed: int
-
-
-SPLITS: dict[str, _SplitSpec] = {
-    "validation": _SplitSpec(size=288, seed=20250922),
-    "dev": _SplitSpec(size=144, seed=20250923),
+SPLITS: dict[str, SplitSpec] = {
+    "validation": SplitSpec(size=288, seed=20250922),
+    "dev": SplitSpec(size=144, seed=20250923),
 }
 """The fixed held-out splits: default size and seed of each (sizes are multiples of 6)."""
 

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from qae.tasks.arithmetic import cut_at_end, digits_match, format_answer
-from qae.tasks.splits import balanced
+from qae.tasks.arithmetic import Level, cut_at_end, digits_match, format_answer
+from qae.tasks.splits import SplitSpec, balanced
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -83,18 +83,9 @@ WORDS = ("Answer", "check", "so", "then")
 """Words the tokenizer keeps whole (one token each)."""
 
 
-@dataclass(frozen=True)
-class ReasoningLevel:
-    """One difficulty level: ``operands`` numbers of 1 to ``digits`` digits each."""
-
-    operands: int
-    digits: int
-
-    def __post_init__(self) -> None:
-        if self.operands < 2:
-            raise ValueError(f"ReasoningLevel.operands must be >= 2, got {self.operands}")
-        if self.digits < 1:
-            raise ValueError(f"ReasoningLevel.digits must be >= 1, got {self.digits}")
+ReasoningLevel = Level
+"""A difficulty level: ``operands`` numbers of 1 to ``digits`` digits each (the arithmetic
+task's :class:`~qae.tasks.arithmetic.Level`)."""
 
 
 LEVELS: tuple[ReasoningLevel, ...] = tuple(
@@ -103,15 +94,9 @@ LEVELS: tuple[ReasoningLevel, ...] = tuple(
 """Difficulty levels, operands x digits; a record's ``difficulty`` is the 1-based index."""
 
 
-@dataclass(frozen=True)
-class _SplitSpec:
-    size: int
-    seed: int
-
-
-SPLITS: dict[str, _SplitSpec] = {
-    "validation": _SplitSpec(size=240, seed=20260930),
-    "dev": _SplitSpec(size=120, seed=20260931),
+SPLITS: dict[str, SplitSpec] = {
+    "validation": SplitSpec(size=240, seed=20260930),
+    "dev": SplitSpec(size=120, seed=20260931),
 }
 """The fixed held-out splits: size and seed of each (sizes are multiples of 12)."""
 

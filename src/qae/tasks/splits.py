@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["balanced"]
+__all__ = ["SplitSpec", "balanced"]
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A fixed split's default size and the seed it is drawn with."""
+
+    size: int
+    seed: int
 
 
 def balanced(
