@@ -305,3 +305,25 @@ def test_six_steps_of_the_preset_meet_the_testbed_criteria(tmp_path):
     assert all(r["response/len_mean"] >= 15 for r in rows)
     assert all(r["train/optimizer_steps"] >= 4 for r in rows)
     assert any(r["train/clipfrac_low"] + r["train/clipfrac_high"] > 0 for r in rows)
+
+
+def test_build_script_writes_a_loadable_reasoning_model(tmp_path):
+    """``scripts/build_tiny_model.py --task reasoning`` end to end on a tiny budget."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "model"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_tiny_model.py"
+    args = ["--task", "reasoning", "--out", str(out), "--max-steps", "2", "--eval-every", "2"]
+    args += ["--hidden-size", "32", "--num-heads", "1", "--num-layers", "1"]
+    args += ["--intermediate-size", "32", "--batch-size", "4", "--val-samples", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads((out / BUILD_INFO_FILE).read_text())
+    assert info["task"] == "reasoning" and info["steps"] == 2
+    assert info["settings"]["architecture"] == "qwen3" and info["settings"]["slip"] == 0.05
+    model, tok = load_reasoning_model(path=out)
+    assert model.config.model_type == "qwen3" and len(tok) == 51
