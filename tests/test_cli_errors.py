@@ -12,29 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
 from qae.data import load_prompts
 from qae.runlog import read_metrics
 
-TINY = [
-    "--config",
-    "arithmetic",
-    "--rollout.prompts_per_step",
-    "4",
-    "--rollout.group_size",
-    "4",
-    "--eval.enabled",
-    "false",
-    "--log.progress",
-    "false",
-    "--log.tensorboard",
-    "false",
-    "--trainer.threads",
-    "1",
-    "--trainer.diagnostics_every",
-    "0",
-]
+TINY = TINY_TRAIN
 EVAL = ["--data", "builtin:arithmetic", "--limit", "2", "--n", "2", "--k", "1,2"]
 EVAL += ["--no-progress", "--workers", "0"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
 from qae.config import load_preset
@@ -31,27 +32,7 @@ DETERMINISTIC = [
     "rollout/entropy",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-# `qae train` flags of a tiny run on the fast arithmetic preset.
-TINY_FLAGS = [
-    "--config",
-    "arithmetic",
-    "--rollout.prompts_per_step",
-    "4",
-    "--rollout.group_size",
-    "4",
-    "--eval.enabled",
-    "false",
-    "--log.progress",
-    "false",
-    "--log.tensorboard",
-    "false",
-    "--trainer.threads",
-    "1",
-    "--trainer.diagnostics_every",
-    "0",
-    "--log.checkpoint_every",
-    "1",
-]
+TINY_FLAGS = [*TINY_TRAIN, "--log.checkpoint_every", "1"]
 
 
 def tiny(out: Path, **overrides):
