@@ -24,10 +24,12 @@ from qae.report.stability import (
     estimator_label,
     peak_table,
     run_stability,
+    significance_table,
     stability_map,
     stability_table,
     stable_lr_limit,
 )
+from qae.report.stats import fisher_exact
 from qae.runlog import read_metrics
 
 # Entropy shapes (30 training steps, 1..30) whose verdicts are known by construction:
@@ -161,6 +163,12 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
     # dapo-mean at 1e-2, seeds 0..3: collapsed at 11, exploded at 6, stable, collapsed at 11
     assert collapses[2] == "| dapo-mean | -, -, -, - | 11, 6, -, 11 |"
     assert collapse_table(result.cells) in result.table
+    # Fisher's exact test against the mean baseline at each lr: at 1e-2 QAE kept 3/4 stable,
+    # the mean 1/4: hypergeometric tables with 4 stable of 8 -> p = 0.486 (two-sided).
+    sig = significance_table(result.cells).splitlines()
+    assert sig[2] == "| 0.0001 | qae-k0.4 | 4/4 vs 4/4 | 1.000 | 4/4 vs 4/4 | 1.000 |"
+    assert sig[3] == "| 0.01 | qae-k0.4 | 3/4 vs 1/4 | 0.486 | 3/4 vs 1/4 | 0.486 |"
+    assert significance_table(result.cells) in result.table
     peaks = peak_table(result.cells).splitlines()
     assert peaks[0] == "| estimator | lr 0.0001 | lr 0.01 |"
     # dapo-mean at 1e-4: bests max(0.55, final) = 0.55, 0.55, 0.6 (step 30), 0.55
@@ -175,6 +183,28 @@ def test_map_numbers_are_exact(tmp_path: Path) -> None:
     for key in ("map", "entropy"):
         path = result.files[key]
         assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("counts", "p"),
+    [
+        # Hand-computed: 4/4 vs 0/4, 4 successes of 8: only the observed table and its
+        # mirror have probability 1/C(8,4) = 1/70 each -> p = 2/70.
+        ((4, 4, 0, 4), 2 / 70),
+        # 3/4 vs 0/4, 3 of 8: P(x=3) = C(4,3)C(4,0)/C(8,3) = 4/56, mirror x=0 the same.
+        ((3, 4, 0, 4), 8 / 56),
+        ((2, 4, 2, 4), 1.0),
+        ((0, 4, 0, 4), 1.0),
+        # 1/9 vs 11/14 (a textbook table; its two-sided p is 0.00276).
+        ((1, 9, 11, 14), 0.0027594561852200836),
+    ],
+)
+def test_fisher_exact(counts: tuple[int, int, int, int], p: float) -> None:
+    assert fisher_exact(*counts) == pytest.approx(p, rel=1e-9)
+    a, n_a, b, n_b = counts
+    assert fisher_exact(b, n_b, a, n_a) == pytest.approx(p, rel=1e-9)  # symmetric
+    with pytest.raises(ValueError, match="0 <= a <= n_a"):
+        fisher_exact(5, 4, 0, 4)
 
 
 def test_stable_lr_limit_needs_every_smaller_lr_stable() -> None:

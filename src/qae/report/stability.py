@@ -34,7 +34,7 @@ from qae.diagnostics import (
     reward_verdict,
 )
 from qae.report.runs import RunData, discover_runs
-from qae.report.stats import mean_std
+from qae.report.stats import fisher_exact, mean_std
 
 __all__ = [
     "RunStability",
@@ -47,6 +47,7 @@ __all__ = [
     "plot_entropy_grid",
     "plot_stability_map",
     "run_stability",
+    "significance_table",
     "stability_map",
     "stability_table",
     "stable_lr_limit",
@@ -194,6 +195,8 @@ class StabilityCell:
     """Seeds whose training accuracy held (:func:`qae.diagnostics.reward_verdict`)."""
     n_reward_judged: int
     """Seeds with a reward verdict (runs that logged training accuracy)."""
+    n_stable_and_held: int
+    """Seeds stable by entropy whose reward held too (or had no reward verdict)."""
     final_mean: float
     final_std: float
     best_mean: float
@@ -242,6 +245,9 @@ def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
                     n_exploded=sum(r.verdict == "exploded" for r in rs),
                     n_reward_held=sum(r.reward == "held" for r in rs),
                     n_reward_judged=sum(r.reward != "-" for r in rs),
+                    n_stable_and_held=sum(
+                        r.verdict == "stable" and r.reward != "lost" for r in rs
+                    ),
                     final_mean=fm,
                     final_std=fs,
                     best_mean=bm,
@@ -325,6 +331,33 @@ def stability_table(cells: Sequence[StabilityCell]) -> str:
             ("stable up to (entropy and reward)", lambda est: _limit(cells, est, "both")),
         ],
     )
+
+
+def significance_table(cells: Sequence[StabilityCell], reference: str = "dapo-mean") -> str:
+    """Markdown: at each lr, every other estimator against ``reference`` (the mean
+    baseline): seeds stable by entropy, and stable with the reward held, as counts with the
+    two-sided p-value of Fisher's exact test (:func:`qae.report.stats.fisher_exact`). Empty
+    when ``reference`` has no cell."""
+    by = {(c.estimator, c.lr): c for c in cells}
+    rows = []
+    for c in cells:
+        ref = by.get((reference, c.lr))
+        if c.estimator == reference or ref is None:
+            continue
+        ent = fisher_exact(c.n_stable, c.n, ref.n_stable, ref.n)
+        both = fisher_exact(c.n_stable_and_held, c.n, ref.n_stable_and_held, ref.n)
+        rows.append(
+            f"| {c.lr:g} | {c.estimator} | {c.n_stable}/{c.n} vs {ref.n_stable}/{ref.n} "
+            f"| {ent:.3f} | {c.n_stable_and_held}/{c.n} vs {ref.n_stable_and_held}/{ref.n} "
+            f"| {both:.3f} |"
+        )
+    if not rows:
+        return ""
+    head = (
+        f"| lr | estimator | stable (entropy) vs {reference} | p | stable and reward held vs "
+        f"{reference} | p |\n|---|---|---|---|---|---|\n"
+    )
+    return head + "\n".join(sorted(rows, key=lambda r: float(r.split("|")[1]))) + "\n"
 
 
 def _peak_text(c: StabilityCell) -> str:
@@ -507,6 +540,12 @@ def build_stability(paths: Sequence[str | os.PathLike], out: str | os.PathLike) 
         + "\nStep at which each seed's entropy verdict fired (- stable), seeds in order:\n\n"
         + collapse_table(cells)
     )
+    sig = significance_table(cells)
+    if sig:
+        table += (
+            "\nAgainst the mean baseline, two-sided Fisher's exact test on the seed counts "
+            "(p < 0.05: a difference the seeds can show):\n\n" + sig
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stability.md").write_text(table)

@@ -20,6 +20,7 @@ __all__ = [
     "TableRow",
     "aggregate",
     "first_step_reaching",
+    "fisher_exact",
     "mean_std",
     "pass_k_key",
     "smooth",
@@ -99,6 +100,29 @@ def first_step_reaching(
     sm = smooth(np.asarray(values, dtype=np.float64), window)
     hit = np.nonzero(sm >= target - 1e-9 * max(1.0, abs(target)))[0]
     return int(steps[hit[0]]) if len(hit) else None
+
+
+def fisher_exact(a: int, n_a: int, b: int, n_b: int) -> float:
+    """Two-sided p-value of Fisher's exact test that ``a`` of ``n_a`` and ``b`` of ``n_b``
+    come from the same success rate (e.g. seeds stable under two estimators).
+
+    Conditional on the total ``a + b`` successes, the count in the first group is
+    hypergeometric; the p-value sums the probabilities of every table at most as likely as
+    the observed one (the usual two-sided definition, with a 1e-7 relative tolerance for
+    ties). ``fisher_exact(4, 4, 0, 4) = 0.0286``; equal counts give 1.
+    """
+    if not (0 <= a <= n_a and 0 <= b <= n_b):
+        raise ValueError(f"need 0 <= a <= n_a and 0 <= b <= n_b, got {a}/{n_a} and {b}/{n_b}")
+    total, n = a + b, n_a + n_b
+    denom = math.comb(n, total)
+
+    def prob(x: int) -> float:
+        return math.comb(n_a, x) * math.comb(n_b, total - x) / denom
+
+    observed = prob(a)
+    lo, hi = max(0, total - n_b), min(n_a, total)
+    p = sum(q for x in range(lo, hi + 1) if (q := prob(x)) <= observed * (1 + 1e-7))
+    return min(1.0, p)
 
 
 def tail_mean(run: RunData, key: str, tail: int) -> float:
