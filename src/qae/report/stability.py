@@ -245,9 +245,7 @@ def stability_map(records: Sequence[RunStability]) -> list[StabilityCell]:
                     n_exploded=sum(r.verdict == "exploded" for r in rs),
                     n_reward_held=sum(r.reward == "held" for r in rs),
                     n_reward_judged=sum(r.reward != "-" for r in rs),
-                    n_stable_and_held=sum(
-                        r.verdict == "stable" and r.reward != "lost" for r in rs
-                    ),
+                    n_stable_and_held=sum(r.verdict == "stable" and r.reward != "lost" for r in rs),
                     final_mean=fm,
                     final_std=fs,
                     best_mean=bm,
