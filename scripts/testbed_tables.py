@@ -1,0 +1,223 @@
+"""The tables of docs/results.md's reasoning-testbed sections, read from run directories.
+
+Every table is computed from the runs' own ``metrics.jsonl`` (and, for ``evals``, the
+``qae eval`` outputs written next to them), so a number in the results page can be
+re-derived with one command:
+
+    python scripts/testbed_tables.py main runs/reasoning-mean-vs-qae
+    python scripts/testbed_tables.py attribution runs/reasoning-mean-vs-qae --lr 3e-4
+    python scripts/testbed_tables.py evals runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
+
+A run directory is ``ROOT/<configuration>/seed<s>``; only runs that reached their last
+planned step count. Spreads are the sample std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics as st
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import yaml
+
+
+def _rows(run: Path) -> list[dict]:
+    with open(run / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _finished_runs(root: Path, names: Sequence[str] | None) -> dict[str, list[Path]]:
+    """Configuration name -> its finished seed directories (sorted)."""
+    out: dict[str, list[Path]] = {}
+    for cfg in sorted(p for p in root.iterdir() if p.is_dir()):
+        if names and cfg.name not in names:
+            continue
+        for run in sorted(cfg.glob("seed*")):
+            if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
+                continue
+            planned = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["steps"]
+            if max(r["step"] for r in _rows(run)) >= planned:
+                out.setdefault(cfg.name, []).append(run)
+    return out
+
+
+def _ms(values: Sequence[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{st.fmean(values):.{digits}f} \u00b1 {st.stdev(values):.{digits}f}"
+
+
+def _mean(rows: Iterable[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r and r[key] is not None]
+    return st.fmean(vals) if vals else float("nan")
+
+
+def _table(head: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def main_table(root: Path, names: Sequence[str] | None, window: int) -> str:
+    """Held-out pass@1/pass@k at the first, second and last validation, sampling entropy
+    over the first and last ``window`` steps, zero-advantage fraction, clip fractions and
+    approximate KL over the updating steps, response length and groups kept (last window).
+    """
+    head = [
+        "configuration", "seeds", "pass@1 first", "pass@1 second val", "pass@1 last",
+        "pass@k last", f"entropy steps 1-{window}", f"entropy last {window}",
+        "zero-adv fraction", "clipfrac low", "clipfrac high", "approx KL",
+        f"length last {window}", f"groups kept last {window}",
+    ]  # fmt: skip
+    body = []
+    for name, runs in _finished_runs(root, names).items():
+        cols: dict[str, list[float]] = {}
+
+        def add(key: str, value: float, cols: dict[str, list[float]] = cols) -> None:
+            cols.setdefault(key, []).append(value)
+
+        for run in runs:
+            rows = _rows(run)
+            val = [r for r in rows if "val/pass@1" in r]
+            kkey = max((k for k in val[-1] if k.startswith("val/pass@")), key=lambda k: int(k[9:]))
+            last_step = rows[-1]["step"]
+            tr = [r for r in rows if r["step"] > 0 and "rollout/entropy" in r]
+            up = [r for r in tr if "train/clipfrac_low" in r]
+            first, last = tr[:window], [r for r in tr if r["step"] > last_step - window]
+            add("p0", val[0]["val/pass@1"])
+            add("p1", val[1]["val/pass@1"] if len(val) > 2 else float("nan"))
+            add("pl", val[-1]["val/pass@1"])
+            add("kl_", val[-1][kkey])
+            add("e1", _mean(first, "rollout/entropy"))
+            add("e2", _mean(last, "rollout/entropy"))
+            add("z", _mean(up, "adv/frac_zero_adv"))
+            add("cl", _mean(up, "train/clipfrac_low"))
+            add("ch", _mean(up, "train/clipfrac_high"))
+            add("kl", _mean(up, "train/approx_kl"))
+            add("len", _mean(last, "response/len_mean"))
+            add("g", _mean(last, "rollout/groups_kept"))
+        body.append(
+            [
+                name,
+                ",".join(r.name[4:] for r in runs),
+                _ms(cols["p0"]),
+                _ms(cols["p1"]),
+                _ms(cols["pl"]),
+                f"{_ms(cols['kl_'])} ({kkey[4:]})",
+                _ms(cols["e1"]),
+                _ms(cols["e2"]),
+                _ms(cols["z"]),
+                _ms(cols["cl"], 4),
+                _ms(cols["ch"], 4),
+                _ms(cols["kl"], 4),
+                f"{st.fmean(cols['len']):.1f}",
+                f"{st.fmean(cols['g']):.1f}",
+            ]
+        )
+    return _table(head, body)
+
+
+def attribution_table(root: Path, names: Sequence[str] | None, lr: float) -> str:
+    """Per configuration: the covariance parts Cov(log pi, A) by advantage sign and group
+    regime averaged over every updating step (and the fraction of steps each part was > 0,
+    i.e. pushed entropy down), the sum over the run of the first-order predicted change
+    ``-lr * Cov * optimizer steps``, the measured change of sampling entropy (last 10 steps
+    minus first 10), and the per-step tracking (correlation and sign agreement of the
+    predicted change at t-1 with H(t) - H(t-1))."""
+    head = [
+        "configuration", "Cov pos (share > 0)", "Cov neg (share > 0)", "Cov hard", "Cov easy",
+        "predicted change, summed", "measured change", "tracking corr", "sign agreement",
+    ]  # fmt: skip
+    body = []
+    for name, runs in _finished_runs(root, names).items():
+        cols: dict[str, list[float]] = {}
+        for run in runs:
+            rows = _rows(run)
+            tr = [r for r in rows if "entropy/cov_total" in r]
+            ent = [r["rollout/entropy"] for r in rows if "rollout/entropy" in r]
+            pred = [-lr * r["entropy/cov_total"] * r.get("train/optimizer_steps", 1) for r in tr]
+            vals = {
+                "pos": _mean(tr, "entropy/cov_pos"),
+                "fpos": sum(r["entropy/cov_pos"] > 0 for r in tr) / len(tr),
+                "neg": _mean(tr, "entropy/cov_neg"),
+                "fneg": sum(r["entropy/cov_neg"] > 0 for r in tr) / len(tr),
+                "hard": _mean(tr, "entropy/cov_hard"),
+                "easy": _mean(tr, "entropy/cov_easy"),
+                "pred": sum(pred),
+                "meas": st.fmean(ent[-10:]) - st.fmean(ent[:10]),
+                "corr": _mean(rows, "entropy/track_corr"),
+                "sign": _mean(rows, "entropy/track_sign_agreement"),
+            }
+            # The run's last logged tracking values cover the whole run.
+            tracked = [r for r in rows if "entropy/track_corr" in r]
+            if tracked:
+                vals["corr"] = tracked[-1]["entropy/track_corr"]
+                vals["sign"] = tracked[-1]["entropy/track_sign_agreement"]
+            for k, v in vals.items():
+                cols.setdefault(k, []).append(v)
+        body.append(
+            [
+                name,
+                f"{_ms(cols['pos'], 4)} ({st.fmean(cols['fpos']):.0%})",
+                f"{_ms(cols['neg'], 4)} ({st.fmean(cols['fneg']):.0%})",
+                _ms(cols["hard"], 4),
+                _ms(cols["easy"], 4),
+                _ms(cols["pred"], 4),
+                _ms(cols["meas"], 3),
+                _ms(cols["corr"], 2),
+                _ms(cols["sign"], 2),
+            ]
+        )
+    return _table(head, body)
+
+
+def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
+    """Per configuration: the ``qae eval`` results written to ``<run>/<eval_name>/`` (its
+    summary JSON), mean ± std over seeds of every pass@k and mean@n it reports."""
+    body, head = [], None
+    for name, runs in _finished_runs(root, names).items():
+        per: dict[str, list[float]] = {}
+        for run in runs:
+            path = run / eval_name / "summary.json"
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text())
+            metrics = next(iter(data["datasets"].values())) if "datasets" in data else data
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and (k.startswith("pass@") or k.startswith("mean@")):
+                    per.setdefault(k, []).append(float(v))
+        if not per:
+            continue
+        keys = sorted(per)
+        head = head or ["configuration", "runs", *keys]
+        body.append([name, str(len(per[keys[0]])), *(_ms(per[k]) for k in keys)])
+    return _table(head or ["configuration"], body)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
+    "main": lambda a: main_table(Path(a.root), a.names, a.window),
+    "attribution": lambda a: attribution_table(Path(a.root), a.names, a.lr),
+    "evals": lambda a: evals_table(Path(a.root), a.names, a.eval_name),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=list(COMMANDS))
+    parser.add_argument("root", help="grid output directory (ROOT/<configuration>/seed<s>)")
+    parser.add_argument("--names", nargs="*", help="only these configurations")
+    parser.add_argument("--window", type=int, default=50, help="steps averaged (main)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (attribution)")
+    parser.add_argument("--eval-name", default="eval", help="qae eval output folder (evals)")
+    args = parser.parse_args(argv)
+    print(COMMANDS[args.command](args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
