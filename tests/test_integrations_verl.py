@@ -172,6 +172,32 @@ def test_quantile_k_and_options_are_read(plugin):
     assert (default.k, default.quantile_method, default.singleton) == (0.4, "inverted_cdf", "raw")
 
 
+# One group, rewards [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3). verl's rloo gives
+# G/(G-1) * (r - mean) = +-2/3; Dr. GRPO (verl's grpo without the std) +-1/2; verl's grpo
+# +-0.5 * sqrt(3) = +-0.866; QAE's std-scaled leave-one-out, asked for, +-2/3 * sqrt(3).
+@pytest.mark.parametrize(
+    "config, magnitude",
+    [
+        ({"qae": {"estimator": "rloo"}}, 2 / 3),
+        ({"qae": {"estimator": "rloo"}, "norm_adv_by_std_in_grpo": True}, 2 / 3),
+        ({"qae": {"estimator": "drgrpo"}}, 0.5),
+        ({"qae": {"estimator": "drgrpo"}, "norm_adv_by_std_in_grpo": True}, 0.5),
+        ({"qae": {"estimator": "grpo"}}, 0.5 * 3**0.5),
+        ({"qae": {"estimator": "grpo"}, "norm_adv_by_std_in_grpo": False}, 0.5),
+        ({"qae": {"estimator": "rloo", "scale": "group"}}, 2 / 3 * 3**0.5),
+        ({"qae": {"estimator": "drgrpo", "scale": "group"}}, 0.5 * 3**0.5),
+    ],
+)
+def test_estimator_names_mean_what_verl_computes_for_them(plugin, config, magnitude):
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3])
+    index = np.array(["g", "g", "g", "g", "solo"], dtype=object)
+    rewards, mask = _tokens(scores, [2, 1, 3, 2, 1], width=3)
+    adv, _ = plugin.qae_advantage(rewards, mask, index, config)
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    torch.testing.assert_close(adv[:4, 0], sign * magnitude, rtol=1e-5, atol=1e-6)
+    assert adv[4, 0].item() == pytest.approx(0.3)  # a singleton keeps its score, as in verl
+
+
 def test_bad_config_names_the_field(plugin):
     rewards, mask = _tokens(torch.tensor([0.0, 1.0]), [1, 1], width=1)
     index = np.array(["a", "a"], dtype=object)
@@ -355,6 +381,47 @@ def test_real_verl_compute_advantage_on_dataproto(plugin):
     grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uids)
     ours, _ = plugin.qae_advantage(rewards, mask, uids, {"qae": {"estimator": "grpo"}})
     torch.testing.assert_close(ours, grpo, rtol=1e-5, atol=1e-6)
+
+
+@needs_verl
+@pytest.mark.parametrize("estimator", ["rloo", "drgrpo", "grpo"])
+def test_real_verl_same_name_same_advantages(plugin, estimator):
+    """Through verl's registry and ``compute_advantage``, with verl's default
+    ``norm_adv_by_std_in_grpo=true``: ``rloo`` is verl's ``compute_rloo_outcome_advantage``,
+    ``drgrpo`` verl's grpo without the std, ``grpo`` verl's grpo."""
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    plugin.register()
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 2, (27,), generator=g).float()
+    scores[[3, 11]] = torch.tensor([0.25, -0.5])  # non-binary scores
+    uids = np.array([f"u{i // 5}" for i in range(25)] + ["solo1", "solo2"], dtype=object)
+    lengths = [1 + (i * 3) % 6 for i in range(27)]
+    rewards, mask = _tokens(scores, lengths, width=6)
+    if estimator == "rloo":
+        theirs, _ = core_algos.compute_rloo_outcome_advantage(rewards, mask, uids)
+    else:
+        norm = estimator == "grpo"
+        theirs, _ = core_algos.compute_grpo_outcome_advantage(
+            rewards, mask, uids, norm_adv_by_std_in_grpo=norm
+        )
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": rewards, "response_mask": mask},
+        non_tensors={"uid": uids},
+    )
+    config = OmegaConf.create(
+        {
+            "adv_estimator": "qae",
+            "norm_adv_by_std_in_grpo": True,
+            "gamma": 1.0,
+            "qae": {"estimator": estimator},
+        }
+    )
+    out = compute_advantage(data, adv_estimator="qae", config=config)
+    torch.testing.assert_close(out.batch["advantages"], theirs, rtol=1e-5, atol=1e-6)
 
 
 @needs_verl

@@ -15,16 +15,20 @@ Configuration, read from verl's ``algorithm`` config with ``.get`` (add keys wit
 
 - ``algorithm.quantile_k`` (default 0.4): K, the key the released QAE recipe uses, so a
   run of that recipe switches with ``algorithm.adv_estimator=qae`` alone;
-- ``algorithm.norm_adv_by_std_in_grpo`` (default true): divide by the group std (false:
-  no scaling, as Dr. GRPO);
+- ``algorithm.qae.estimator`` (default ``qae``; any :data:`qae.estimators` name). A name
+  verl also knows means what verl's estimator of that name computes, unless an option
+  below says otherwise: ``grpo`` (and ``qae``, the released code's change to it) divide by
+  the group std as ``algorithm.norm_adv_by_std_in_grpo`` says (default true); ``rloo``
+  (verl's ``rloo``: the leave-one-out baseline) and ``drgrpo`` (verl's ``grpo`` with
+  ``norm_adv_by_std_in_grpo=false``, Dr. GRPO) never divide, whatever that flag says;
+- ``algorithm.qae.scale`` (``group`` / ``batch`` / ``none``): overrides the scale above,
+  e.g. ``rloo`` with ``scale=group`` is QAE's std-scaled leave-one-out;
 - ``algorithm.qae.quantile_method`` (default ``inverted_cdf``, the paper's quantile;
   ``linear`` is ``torch.quantile``, what the released code computes; both agree when
   K·(G-1) is whole, e.g. G=16, K=0.4);
-- ``algorithm.qae.scale`` (``group`` / ``batch`` / ``none``; default from
-  ``norm_adv_by_std_in_grpo``), ``algorithm.qae.epsilon`` (default 1e-6, verl's),
-  ``algorithm.qae.singleton`` (default ``raw``: a prompt with one response gets its raw
-  score, as verl's ``grpo`` does with baseline 0 and std 1; ``zero`` gives 0),
-  ``algorithm.qae.estimator`` (default ``qae``; any :data:`qae.estimators` name).
+- ``algorithm.qae.epsilon`` (default 1e-6, verl's), ``algorithm.qae.singleton`` (default
+  ``raw``: a prompt with one response gets its raw score, as verl's ``grpo`` (baseline 0,
+  std 1) and ``rloo`` do; ``zero`` gives 0).
 
 Registration has to happen in the process that computes advantages: verl runs
 ``compute_advantage`` inside its Ray ``TaskRunner`` actor, not in the launching shell.
@@ -142,6 +146,16 @@ def _plain(section: Any) -> dict[str, Any]:
     raise ValueError(f"expected a config section (mapping), got {type(section).__name__}")
 
 
+def _default_scale(estimator_scale: str, config: Any) -> str:
+    """The scale verl's estimator of the same name uses: an estimator that divides by the
+    group std (``qae``, ``grpo``) follows ``norm_adv_by_std_in_grpo``, as verl's ``grpo``
+    does; one that does not (``rloo``, ``drgrpo``) never divides, as verl's ``rloo`` and
+    Dr. GRPO do."""
+    if estimator_scale != "group":
+        return estimator_scale
+    return "group" if bool(_get(config, "norm_adv_by_std_in_grpo", True)) else "none"
+
+
 def read_options(config: Any) -> VerlQAEOptions:
     """Read K and the ``algorithm.qae.*`` options from verl's algorithm config.
 
@@ -156,16 +170,16 @@ def read_options(config: Any) -> VerlQAEOptions:
     k = _get(config, "quantile_k", 0.4)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < 1:
         raise ValueError(f"algorithm.quantile_k must be in (0, 1), got quantile_k={k!r}")
-    norm = bool(_get(config, "norm_adv_by_std_in_grpo", True))
+    estimator = str(section.get("estimator", "qae"))
+    spec = estimators.get(estimator)
     opts = VerlQAEOptions(
         k=float(k),
-        estimator=str(section.get("estimator", "qae")),
+        estimator=estimator,
         quantile_method=str(section.get("quantile_method", "inverted_cdf")),
-        scale=str(section.get("scale") or ("group" if norm else "none")),
+        scale=str(section.get("scale") or _default_scale(spec.scale, config)),
         epsilon=float(section.get("epsilon", 1e-6)),
         singleton=str(section.get("singleton", "raw")),
     )
-    estimators.get(opts.estimator)
     for name, value, choices in (
         ("quantile_method", opts.quantile_method, QUANTILE_METHODS),
         ("scale", opts.scale, SCALES),
