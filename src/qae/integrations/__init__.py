@@ -4,8 +4,10 @@
   verl's advantage-estimator registry (needs ``qae[verl]``).
 - :mod:`qae.integrations.trl`: ``QAEGRPOTrainer``, TRL's ``GRPOTrainer`` with any qae
   estimator (needs ``qae[trl]``).
+- :mod:`qae.integrations.skyrl`: estimators ``qae`` and ``qae_adaptive`` registered in
+  SkyRL's advantage-estimator registry (needs ``qae[skyrl]``, Python 3.12).
 
-Each is imported on its own; importing this package imports neither verl nor TRL.
+Each is imported on its own; importing this package imports none of those trainers.
 """
 
 __all__: list[str] = []
