@@ -7,6 +7,7 @@ re-derived with one command:
     python scripts/testbed_tables.py main runs/reasoning-mean-vs-qae
     python scripts/testbed_tables.py attribution runs/reasoning-mean-vs-qae --lr 3e-4
     python scripts/testbed_tables.py evals runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
+    python scripts/testbed_tables.py regime runs/reasoning-stability
 
 A run directory is ``ROOT/<configuration>/seed<s>``; only runs that reached their last
 planned step count. Spreads are the sample std over seeds.
@@ -178,7 +179,8 @@ def attribution_table(root: Path, names: Sequence[str] | None, lr: float) -> str
 
 def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
     """Per configuration: the ``qae eval`` results written to ``<run>/<eval_name>/`` (its
-    summary JSON), mean ± std over seeds of every pass@k and mean@n it reports."""
+    ``summary.json``, first benchmark), mean ± std over seeds of every pass@k, mean@n and
+    maj@n it reports."""
     body, head = [], None
     for name, runs in _finished_runs(root, names).items():
         per: dict[str, list[float]] = {}
@@ -187,9 +189,9 @@ def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
             if not path.is_file():
                 continue
             data = json.loads(path.read_text())
-            metrics = next(iter(data["datasets"].values())) if "datasets" in data else data
+            metrics = next(iter(data["benchmarks"].values()))
             for k, v in metrics.items():
-                if isinstance(v, (int, float)) and (k.startswith("pass@") or k.startswith("mean@")):
+                if k.split("@")[0] in ("pass", "mean", "maj"):
                     per.setdefault(k, []).append(float(v))
         if not per:
             continue
@@ -199,10 +201,58 @@ def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
     return _table(head or ["configuration"], body)
 
 
+def regime_table(root: Path, names: Sequence[str] | None, window: int) -> str:
+    """Per configuration, what the update did: clip fractions and approximate KL averaged
+    over the updating steps, training accuracy over the first and last ``window`` steps,
+    and the sampling entropy of the last ``window`` steps and its largest ``window``-step
+    mean, both relative to the first ``window`` steps (2x is the explosion threshold of
+    :func:`qae.diagnostics.entropy_verdict`, which compares with the first step)."""
+    head = [
+        "configuration", "seeds", "clipfrac low", "clipfrac high", "approx KL",
+        f"train accuracy first {window}", f"train accuracy last {window}",
+        f"entropy last {window} / first {window}", f"max {window}-step entropy / first {window}",
+    ]  # fmt: skip
+    body = []
+    for name, runs in _finished_runs(root, names).items():
+        cols: dict[str, list[float]] = {}
+        for run in runs:
+            rows = [r for r in _rows(run) if r["step"] > 0]
+            up = [r for r in rows if "train/clipfrac_low" in r]
+            ent = [r["rollout/entropy"] for r in rows if "rollout/entropy" in r]
+            acc = [r["rollout/accuracy_all"] for r in rows if "rollout/accuracy_all" in r]
+            means = [st.fmean(ent[i : i + window]) for i in range(len(ent) - window + 1)]
+            vals = {
+                "cl": _mean(up, "train/clipfrac_low"),
+                "ch": _mean(up, "train/clipfrac_high"),
+                "kl": _mean(up, "train/approx_kl"),
+                "a0": st.fmean(acc[:window]),
+                "a1": st.fmean(acc[-window:]),
+                "e": means[-1] / means[0],
+                "emax": max(means) / means[0],
+            }
+            for k, v in vals.items():
+                cols.setdefault(k, []).append(v)
+        body.append(
+            [
+                name,
+                ",".join(r.name[4:] for r in runs),
+                _ms(cols["cl"], 4),
+                _ms(cols["ch"], 4),
+                _ms(cols["kl"], 4),
+                _ms(cols["a0"], 2),
+                _ms(cols["a1"], 2),
+                _ms(cols["e"], 2),
+                _ms(cols["emax"], 2),
+            ]
+        )
+    return _table(head, body)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "main": lambda a: main_table(Path(a.root), a.names, a.window),
     "attribution": lambda a: attribution_table(Path(a.root), a.names, a.lr),
     "evals": lambda a: evals_table(Path(a.root), a.names, a.eval_name),
+    "regime": lambda a: regime_table(Path(a.root), a.names, a.window),
 }
 
 
@@ -211,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument("root", help="grid output directory (ROOT/<configuration>/seed<s>)")
     parser.add_argument("--names", nargs="*", help="only these configurations")
-    parser.add_argument("--window", type=int, default=50, help="steps averaged (main)")
+    parser.add_argument("--window", type=int, default=50, help="steps averaged (main, regime)")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (attribution)")
     parser.add_argument("--eval-name", default="eval", help="qae eval output folder (evals)")
     args = parser.parse_args(argv)
