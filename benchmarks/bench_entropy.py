@@ -1,6 +1,6 @@
 """Chunked vs direct token entropy and token log-probs: time and peak memory.
 
-Claim measured: ``qae.entropy.token_entropy`` and ``selective_log_softmax`` never hold a
+Claim measured: ``qae.core.entropy.token_entropy`` and ``selective_log_softmax`` never hold a
 full ``[N, V]`` float32 softmax, so their extra memory is a few chunk buffers (forward)
 or the gradient of the logits plus chunk buffers (backward), at a time comparable to the
 direct computation.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from qae.entropy import selective_log_softmax, token_entropy
+from qae.core.entropy import selective_log_softmax, token_entropy
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from qae.advantages import compute_advantages
 from qae.config import load_preset
 from qae.configtools import apply_overrides
+from qae.core.advantages import compute_advantages
 from qae.rollout import Batch, generate_batch
 from qae.trainer import load_policy, score_batch
 from qae.update import accumulate_gradients, active_rows, batch_logprobs, scatter_rows

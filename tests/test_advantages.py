@@ -1,4 +1,4 @@
-"""Tests for qae.advantages: every estimator against a per-group loop reference."""
+"""Tests for qae.core.advantages: every estimator against a per-group loop reference."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qae
-from qae.advantages import (
+from qae.core.advantages import (
     QUANTILE_METHODS,
     advantage_stats,
     broadcast_to_tokens,

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.advantages import group_regimes
-from qae.diagnostics import (
+from qae.core.advantages import group_regimes
+from qae.core.diagnostics import (
     covariance_parts,
     entropy_histogram,
     entropy_verdict,
@@ -21,7 +21,7 @@ from qae.diagnostics import (
     token_views,
     tracking,
 )
-from qae.entropy import entropy_change_predictor
+from qae.core.entropy import entropy_change_predictor
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,4 +1,4 @@
-"""Tests for qae.entropy: chunked entropy and log-probs, masked statistics, predictor."""
+"""Tests for qae.core.entropy: chunked entropy and log-probs, masked statistics, predictor."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.entropy import (
+from qae.core.entropy import (
     entropy_change_predictor,
     masked_mean,
     selective_log_softmax,
@@ -162,7 +162,7 @@ def test_selective_log_softmax_bad_inputs():
 _PEAK_SCRIPT = r"""
 import json, re, sys
 import torch
-from qae.entropy import selective_log_softmax, token_entropy
+from qae.core.entropy import selective_log_softmax, token_entropy
 
 def peak():
     text = open("/proc/self/status").read()

@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'qae[
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from qae.advantages import compute_advantages  # noqa: E402
+from qae.core.advantages import compute_advantages  # noqa: E402
 from qae.integrations.trl import (  # noqa: E402
     KCONTROL_FILE,
     QAEGRPOTrainer,

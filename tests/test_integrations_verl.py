@@ -26,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.advantages import compute_advantages
+from qae.core.advantages import compute_advantages
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HAS_VERL = importlib.util.find_spec("verl") is not None

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.advantages import compute_advantages
+from qae.core.advantages import compute_advantages
 from qae.lab import checks, groups, policy
 from qae.lab.dynamics import run_trajectory, step_report
 from qae.lab.groups import (

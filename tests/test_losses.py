@@ -1,4 +1,4 @@
-"""Tests for qae.losses: hand-computed cases, gradients, aggregation weights, validation."""
+"""Tests for qae.core.losses: hand-computed cases, gradients, aggregation weights, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.losses import (
+from qae.core.losses import (
     AGG_MODES,
     KL_ESTIMATORS,
     BatchCounts,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qae.advantages import compute_advantages
 from qae.config import TrainConfig
 from qae.configtools import apply_overrides
-from qae.losses import AGG_MODES
+from qae.core.advantages import compute_advantages
+from qae.core.losses import AGG_MODES
 from qae.rollout import generate_batch
 from qae.tasks import make_split
 from qae.trainer import load_policy

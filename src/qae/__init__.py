@@ -1,6 +1,6 @@
 """qae: Quantile Advantage Estimation for entropy-safe RLVR on language models."""
 
-from qae.advantages import (
+from qae.core.advantages import (
     QUANTILE_METHODS,
     SCALES,
     EstimatorSpec,
@@ -12,23 +12,13 @@ from qae.advantages import (
     group_quantile,
     register_estimator,
 )
-from qae.data import PromptRecord, load_prompts
-from qae.entropy import (
+from qae.core.entropy import (
     entropy_change_predictor,
     masked_mean,
     selective_log_softmax,
     token_entropy,
 )
-from qae.evaluation import evaluate, pass_at_k
-from qae.kcontrol import (
-    KControlConfig,
-    KController,
-    StepSignals,
-    difficulty_k,
-    make_controller,
-    register_controller,
-)
-from qae.losses import (
+from qae.core.losses import (
     AGG_MODES,
     KL_ESTIMATORS,
     BatchCounts,
@@ -39,6 +29,16 @@ from qae.losses import (
     kl_penalty,
     policy_losses,
     register_policy_loss,
+)
+from qae.data import PromptRecord, load_prompts
+from qae.evaluation import evaluate, pass_at_k
+from qae.kcontrol import (
+    KControlConfig,
+    KController,
+    StepSignals,
+    difficulty_k,
+    make_controller,
+    register_controller,
 )
 from qae.rewards import get_reward, math_score, register_reward, reward_functions, score_batch
 

@@ -42,7 +42,7 @@ def _regimes(args: argparse.Namespace) -> int:
 
 def _regimes_lines(g: int, k: float, method: str) -> list[str]:
     """The ``qae regimes`` table: a title, a header and one line per count of successes."""
-    from qae.advantages import compute_advantages, group_quantile
+    from qae.core.advantages import compute_advantages, group_quantile
 
     header = f"{'correct':>7} {'p':>6} {'baseline':>9} {'A(success)':>11} {'A(fail)':>9}  regime"
     lines = [
@@ -130,7 +130,7 @@ def _cfg_out(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``qae`` argument parser with every sub-command."""
     from qae import __version__
-    from qae.advantages import QUANTILE_METHODS
+    from qae.core.advantages import QUANTILE_METHODS
 
     parser = argparse.ArgumentParser(
         prog="qae", description="Quantile Advantage Estimation for entropy-safe RLVR."

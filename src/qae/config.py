@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from qae.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
 from qae.configtools import load_yaml_config
+from qae.core.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
+from qae.core.losses import LossConfig
 from qae.kcontrol import KControlConfig
-from qae.losses import LossConfig
 
 __all__ = [
     "AlgoConfig",

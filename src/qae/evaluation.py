@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from qae.atomic import atomic_write_json
+from qae.core.registry import Registry
 from qae.data import PromptRecord
-from qae.registry import Registry
 from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward, normalize_answer, score_batch
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qae.entropy import selective_log_softmax, token_entropy
+from qae.core.entropy import selective_log_softmax, token_entropy
 
 __all__ = [
     "Batch",

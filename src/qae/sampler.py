@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qae.entropy import token_entropy
+from qae.core.entropy import token_entropy
 
 __all__ = ["Samples", "sample_responses"]
 

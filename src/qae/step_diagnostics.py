@@ -2,7 +2,7 @@
 advantage sign and by regime, measured entropy change and its tracking of the
 first-order prediction, token views (share of gradient on high-entropy tokens).
 
-The math lives in :mod:`qae.diagnostics`; this module runs the model for it.
+The math lives in :mod:`qae.core.diagnostics`; this module runs the model for it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from qae.advantages import broadcast_to_tokens, group_regimes
 from qae.config import TrainConfig
-from qae.diagnostics import (
+from qae.core.advantages import broadcast_to_tokens, group_regimes
+from qae.core.diagnostics import (
     covariance_parts,
     entropy_histogram,
     length_volatility,
@@ -59,7 +59,7 @@ def token_level_views(
     The gradient norm of a token's loss w.r.t. its logits is, on-policy and unclipped,
     ``|A| * ||onehot(y) - pi||_2 = |A| * sqrt(1 - 2 pi_y + sum_v pi_v^2)``.
 
-    Returns the views (:func:`qae.diagnostics.token_views`), ``entropy [B, T]``, ``mask``.
+    Returns the views (:func:`qae.core.diagnostics.token_views`), ``entropy [B, T]``, ``mask``.
     """
     b = len(batch)
     width = max((len(r) for r in batch.response_ids), default=1)

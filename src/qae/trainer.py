@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from qae.advantages import (
+from qae.config import TrainConfig
+from qae.configtools import config_to_dict, save_yaml_config
+from qae.core.advantages import (
     advantage_stats,
     broadcast_to_tokens,
     compute_advantages,
 )
-from qae.config import TrainConfig
-from qae.configtools import config_to_dict, save_yaml_config
+from qae.core.entropy import entropy_change_predictor, masked_mean
 from qae.data import PromptRecord
-from qae.entropy import entropy_change_predictor, masked_mean
 from qae.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.kcontrol import KController, make_controller

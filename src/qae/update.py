@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qae.advantages import broadcast_to_tokens
 from qae.config import TrainConfig
-from qae.losses import batch_counts, compute_policy_loss
+from qae.core.advantages import broadcast_to_tokens
+from qae.core.losses import batch_counts, compute_policy_loss
 from qae.rollout import Batch, collate, response_logprobs
 
 __all__ = [

@@ -66,7 +66,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qae.advantages import (
+from qae.atomic import atomic_write_json
+from qae.core.advantages import (
     QUANTILE_METHODS,
     SCALES,
     SINGLETON_MODES,
@@ -75,7 +76,6 @@ from qae.advantages import (
     compute_advantages,
     estimators,
 )
-from qae.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 __all__ = [

@@ -10,11 +10,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from qae.advantages import GroupIds
+from qae.core.advantages import GroupIds
 
 INTERPOLATIONS = ("step", "linear")
 BRANCHES = ("low", "high")
-# Same tolerance as the quantile in qae.advantages: G·K within it of an integer is that integer.
+# Same tolerance as the quantile in qae.core.advantages: G·K within it of an integer is that
+# integer.
 _QUANTILE_TOL = 1e-9
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from qae.core.registry import Registry
 from qae.kcontrol.base import INTERPOLATIONS, KController, _number
 from qae.kcontrol.difficulty import DifficultyK, _check_buckets
 from qae.kcontrol.pi import (
@@ -22,7 +23,6 @@ from qae.kcontrol.schedules import (
     piecewise_k,
     two_phase_k,
 )
-from qae.registry import Registry
 
 
 @dataclass

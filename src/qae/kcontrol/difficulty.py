@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qae.advantages import GroupIds, _group_keys
+from qae.core.advantages import GroupIds, _group_keys
 from qae.kcontrol.base import _Controller
 
 

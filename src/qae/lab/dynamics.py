@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qae.advantages import compute_advantages, group_quantile
+from qae.core.advantages import compute_advantages, group_quantile
 from qae.kcontrol import KController
 from qae.lab.groups import (
     LabEstimator,

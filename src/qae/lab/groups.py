@@ -38,7 +38,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from qae.advantages import (
+from qae.core.advantages import (
     QUANTILE_METHODS,
     advantage_stats,
     compute_advantages,

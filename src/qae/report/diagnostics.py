@@ -8,7 +8,7 @@ Every panel is skipped when no run logged its metrics. The panels:
   sign (pos / neg / zero) and by group regime (hard / easy / other), over steps;
 - predicted (``-Cov`` of step ``t-1``) against measured (``H(t) - H(t-1)``) entropy change,
   with the correlation and sign agreement over the whole run
-  (:func:`qae.diagnostics.tracking`);
+  (:func:`qae.core.diagnostics.tracking`);
 - token views: entropy of the tokens with a non-zero advantage against all tokens, and the
   share of the policy-gradient norm carried by the top 20% highest-entropy tokens;
 - token-entropy histograms at a few steps;
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from qae.diagnostics import tracking
+from qae.core.diagnostics import tracking
 from qae.report.figures import FigureSpec, figure_titles, make_figures
 from qae.report.runs import RunData
 from qae.report.stats import aggregate, tail_mean

@@ -1,10 +1,10 @@
 """Learning-rate stability map: which estimator stays stable at which learning rate.
 
-Every run gets two verdicts: :func:`qae.diagnostics.entropy_verdict` (the one definition of
+Every run gets two verdicts: :func:`qae.core.diagnostics.entropy_verdict` (the one definition of
 entropy collapse and explosion) on its sampling entropy ``rollout/entropy`` (measured on
 every generated response at every step; runs that predate it fall back to
 ``actor/entropy``, which steps without an update do not log), and
-:func:`qae.diagnostics.reward_verdict` on its training accuracy ``rollout/accuracy_all``.
+:func:`qae.core.diagnostics.reward_verdict` on its training accuracy ``rollout/accuracy_all``.
 Also its final and best held-out pass@1 and the step where pass@1 peaked. Runs are placed
 by estimator (mean baseline, QAE at a constant K, or QAE under a K controller, read from
 the run's ``config.yaml``) and learning rate (``optim.lr``); a cell of the map holds the
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from qae.diagnostics import (
+from qae.core.diagnostics import (
     COLLAPSE_RATIO,
     EXPLOSION_RATIO,
     REWARD_COLLAPSE_RATIO,
@@ -102,11 +102,11 @@ class RunStability:
     estimator: str
     lr: float
     verdict: str
-    """``stable``, ``collapsed`` or ``exploded`` (:func:`qae.diagnostics.entropy_verdict`)."""
+    """``stable``, ``collapsed`` or ``exploded`` (:func:`qae.core.diagnostics.entropy_verdict`)."""
     verdict_step: int
     """Training step where the sustained window began (-1 when stable)."""
     reward: str
-    """``held`` or ``collapsed`` (:func:`qae.diagnostics.reward_verdict`); ``-`` when the
+    """``held`` or ``collapsed`` (:func:`qae.core.diagnostics.reward_verdict`); ``-`` when the
     run logged no training accuracy or started at 0."""
     reward_step: int
     """Training step where the reward's sustained window began (-1 when it held)."""
@@ -192,7 +192,7 @@ class StabilityCell:
     n_collapsed: int
     n_exploded: int
     n_reward_held: int
-    """Seeds whose training accuracy held (:func:`qae.diagnostics.reward_verdict`)."""
+    """Seeds whose training accuracy held (:func:`qae.core.diagnostics.reward_verdict`)."""
     n_reward_judged: int
     """Seeds with a reward verdict (runs that logged training accuracy)."""
     n_stable_and_held: int

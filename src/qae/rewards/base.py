@@ -15,7 +15,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qae.registry import Registry
+from qae.core.registry import Registry
 from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, shared_pool
 
 __all__ = [

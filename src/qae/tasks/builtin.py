@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qae.registry import Registry
+from qae.core.registry import Registry
 from qae.tasks import arithmetic, reasoning
 from qae.tasks.tiny_model import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 

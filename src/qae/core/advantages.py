@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qae.registry import Registry
+from qae.core.registry import Registry
 
 __all__ = [
     "KEEP_MODES",

@@ -38,8 +38,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from qae.entropy import masked_mean, token_covariance
-from qae.registry import Registry
+from qae.core.entropy import masked_mean, token_covariance
+from qae.core.registry import Registry
 
 __all__ = [
     "AGG_MODES",
@@ -593,7 +593,7 @@ def ppo_loss(
         mask: ``[B, T]`` response mask.
         config: the :class:`LossConfig`.
         ref_logp: ``[B, T]`` reference-policy log-probs; needed when ``kl_coef > 0``.
-        entropy: ``[B, T]`` token entropies (e.g. :func:`qae.entropy.token_entropy`);
+        entropy: ``[B, T]`` token entropies (e.g. :func:`qae.core.entropy.token_entropy`);
             needed when ``entropy_coef > 0``.
         denominator: see :func:`aggregate_loss`.
         generator: unused (the signature is shared by all losses).
