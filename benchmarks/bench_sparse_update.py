@@ -24,8 +24,8 @@ import time
 import torch
 
 from qae.config import load_preset
-from qae.configtools import apply_overrides
 from qae.core.advantages import compute_advantages
+from qae.io.configtools import apply_overrides
 from qae.rollout import Batch, generate_batch
 from qae.trainer import load_policy, score_batch
 from qae.update import accumulate_gradients, active_rows, batch_logprobs, scatter_rows

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 
 from qae.config import TrainConfig, load_preset
-from qae.configtools import apply_overrides
+from qae.io.configtools import apply_overrides
 
 PROMPTS, GROUP = 16, 8  # the arithmetic preset's batch: P prompts x G samples per step
 PHASES = ("generate", "score", "logprob", "train", "other", "step")

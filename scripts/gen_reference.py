@@ -82,7 +82,7 @@ def render_config() -> str:
     """``docs/reference/config.md`` from the config tree and the presets."""
     from qae.cli import TRAIN_ALIASES
     from qae.config import TrainConfig, load_preset, preset_names
-    from qae.configtools import field_help, iter_leaves
+    from qae.io.configtools import field_help, iter_leaves
 
     defaults = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from qae.io.runlog import read_metrics
 from qae.lab.simulate import write_json_atomic
-from qae.runlog import read_metrics
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures" / "kcontrol"
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from qae.atomic import atomic_write, atomic_write_json, atomic_write_text
+from qae.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_text_and_json_land_whole_with_normal_permissions(tmp_path):

@@ -16,7 +16,7 @@ from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
 from qae.data import load_prompts
-from qae.runlog import read_metrics
+from qae.io.runlog import read_metrics
 
 TINY = TINY_TRAIN
 EVAL = ["--data", "builtin:arithmetic", "--limit", "2", "--n", "2", "--k", "1,2"]

@@ -22,7 +22,7 @@ from qae.compare import (
     run_compare,
     run_status,
 )
-from qae.runlog import atomic_write_text, read_metrics
+from qae.io.runlog import atomic_write_text, read_metrics
 
 TINY = {
     "rollout.prompts_per_step": 4,

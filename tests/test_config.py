@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from qae.config import TrainConfig, load_preset, preset_names
-from qae.configtools import (
+from qae.io.configtools import (
     add_config_arguments,
     apply_overrides,
     config_from_args,

@@ -206,7 +206,7 @@ def test_data_dir_and_other_splits_take_precedence(monkeypatch, tmp_path: Path) 
 
 
 def test_an_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qae.errors import RunError
+    from qae.io.errors import RunError
 
     class ConnectError(Exception):  # like httpx's: not an OSError
         pass

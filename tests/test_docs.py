@@ -200,7 +200,7 @@ def test_generated_reference_pages_are_up_to_date():
 
 def test_config_reference_lists_every_field_with_its_default():
     from qae.config import TrainConfig
-    from qae.configtools import iter_leaves
+    from qae.io.configtools import iter_leaves
 
     text = (DOCS / "reference" / "config.md").read_text(encoding="utf-8")
     names = [name for name, *_ in iter_leaves(TrainConfig)]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qae import advantage_stats, compute_advantages
-from qae.configtools import coerce, field_docs, iter_leaves
+from qae.io.configtools import coerce, field_docs, iter_leaves
 from qae.kcontrol import (
     DifficultyK,
     EntropyBandController,

@@ -17,8 +17,8 @@ from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
 from qae.config import load_preset
-from qae.configtools import apply_overrides
-from qae.runlog import Checkpointer, MetricsLogger, read_metrics
+from qae.io.configtools import apply_overrides
+from qae.io.runlog import Checkpointer, MetricsLogger, read_metrics
 from qae.trainer import train
 
 DETERMINISTIC = [
@@ -151,7 +151,7 @@ def test_a_second_train_and_a_resume_on_a_live_run_refuse_and_the_first_finishes
 
 HOLDER = """
 import os, sys, time
-from qae.runlock import RunLock
+from qae.io.runlock import RunLock
 
 RunLock(sys.argv[1]).acquire()
 child = os.fork()  # as the reward pool forks its workers
@@ -164,8 +164,8 @@ time.sleep(600)
 
 
 def test_a_killed_owner_never_blocks_the_next_one_even_with_a_forked_child(tmp_path):
-    from qae.errors import RunLockedError
-    from qae.runlock import RunLock
+    from qae.io.errors import RunLockedError
+    from qae.io.runlock import RunLock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True
@@ -184,7 +184,7 @@ def test_a_killed_owner_never_blocks_the_next_one_even_with_a_forked_child(tmp_p
 
 
 def test_a_lock_is_exclusive_within_one_process_too(tmp_path):
-    from qae.errors import RunLockedError
+    from qae.io.errors import RunLockedError
 
     def second_run(step, metrics):
         if step == 1:
@@ -278,8 +278,8 @@ def test_an_unloadable_state_file_is_one_line_not_a_traceback(tmp_path, capsys):
 def test_weights_load_strictly_and_leave_the_model_alone_on_a_mismatch(tmp_path):
     from safetensors.torch import save_file
 
-    from qae.errors import CheckpointError
-    from qae.resume import load_weights
+    from qae.io.errors import CheckpointError
+    from qae.io.resume import load_weights
     from qae.trainer import load_policy
 
     model, _ = load_policy("builtin:arithmetic", torch.device("cpu"))
@@ -391,7 +391,7 @@ def test_a_disk_full_error_from_a_library_is_reported_as_enospc(
         def save_pretrained(self, path, safe_serialization=True):
             raise RuntimeError(message)
 
-    monkeypatch.setattr("qae.runlog._free_bytes", lambda folder: free, raising=False)
+    monkeypatch.setattr("qae.io.runlog._free_bytes", lambda folder: free, raising=False)
     with pytest.raises(OSError) as info:
         Checkpointer(tmp_path).save(1, _Stream(), None, {"step": 1})
     assert info.value.errno == errno.ENOSPC

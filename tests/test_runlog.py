@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qae.runlog import Checkpointer, MetricsLogger, atomic_write_text, read_metrics
+from qae.io.runlog import Checkpointer, MetricsLogger, atomic_write_text, read_metrics
 
 
 def test_metrics_append_and_resume_drops_later_and_torn_lines(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qae.config import TrainConfig
-from qae.configtools import apply_overrides
 from qae.core.advantages import compute_advantages
 from qae.core.losses import AGG_MODES
+from qae.io.configtools import apply_overrides
 from qae.rollout import generate_batch
 from qae.tasks import make_split
 from qae.trainer import load_policy

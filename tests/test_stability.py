@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qae.compare import GRIDS, STABILITY_LRS, build_config, dedup_grid, expand_grid, run_compare
+from qae.io.runlog import read_metrics
 from qae.report import add_report_parser
 from qae.report.runs import RunData, load_run
 from qae.report.stability import (
@@ -30,7 +31,6 @@ from qae.report.stability import (
     stable_lr_limit,
 )
 from qae.report.stats import fisher_exact
-from qae.runlog import read_metrics
 
 # Entropy shapes (30 training steps, 1..30) whose verdicts are known by construction:
 # the first value is 1.0, so thresholds are 0.5 (collapse) and 2.0 (explosion), window 10.

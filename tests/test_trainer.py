@@ -9,8 +9,8 @@ import torch
 
 from qae.cli import main
 from qae.config import TrainConfig, load_preset
-from qae.configtools import apply_overrides
-from qae.runlog import read_metrics
+from qae.io.configtools import apply_overrides
+from qae.io.runlog import read_metrics
 from qae.trainer import PromptStream, load_policy, train
 
 DETERMINISTIC = [

@@ -7,9 +7,9 @@ import itertools
 import pytest
 
 from qae.config import DataConfig, TrainConfig, load_preset
-from qae.configtools import apply_overrides
+from qae.io.configtools import apply_overrides
+from qae.io.runlog import read_metrics
 from qae.rewards import FailureStreak, RewardFailure, register_reward, reward_functions
-from qae.runlog import read_metrics
 from qae.trainer import train
 
 ALWAYS_FAILS = "test-reward-always-fails"

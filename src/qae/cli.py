@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qae.errors import RunError, describe_os_error
+from qae.io.errors import RunError, describe_os_error
 
 MAX_REGIMES_GROUP_SIZE = 1024
 """``qae regimes`` prints one line per count of correct responses, each an advantage
@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from qae.config import TrainConfig, load_preset
-    from qae.configtools import config_from_args, load_yaml_config
+    from qae.io.configtools import config_from_args, load_yaml_config
     from qae.trainer import train
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        from qae.configtools import config_to_dict
+        from qae.io.configtools import config_to_dict
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
 
     from qae.config import TrainConfig, preset_names
-    from qae.configtools import add_config_arguments
+    from qae.io.configtools import add_config_arguments
 
     p = sub.add_parser(
         "train",

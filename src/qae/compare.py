@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qae.runlog import atomic_write_text, read_metrics
+from qae.io.runlog import atomic_write_text, read_metrics
 
 __all__ = [
     "GRIDS",
@@ -133,7 +133,7 @@ def base_config(base: str = ""):
 
 
 def _canonical(overrides: Mapping[str, Any], base: str = "") -> tuple:
-    from qae.configtools import apply_overrides, config_to_dict
+    from qae.io.configtools import apply_overrides, config_to_dict
 
     cfg = apply_overrides(base_config(base), dict(overrides))
     return tuple(sorted(_flat(config_to_dict(cfg)).items(), key=lambda kv: kv[0]))
@@ -256,7 +256,7 @@ def expand_grid(
 
 def build_config(spec: RunSpec):
     """The run's :class:`~qae.config.TrainConfig`: its base plus its overrides."""
-    from qae.configtools import apply_overrides
+    from qae.io.configtools import apply_overrides
 
     return apply_overrides(base_config(spec.base), spec.overrides)
 
@@ -265,7 +265,7 @@ def run_status(run_dir: str | os.PathLike, steps: int) -> str:
     """``done`` (final step logged and checkpointed), ``partial`` (a checkpoint to resume
     from), ``stale`` (metrics but no checkpoint: killed before its first one, so it starts
     over) or ``new`` (nothing on disk)."""
-    from qae.runlog import Checkpointer
+    from qae.io.runlog import Checkpointer
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from qae.configtools import load_yaml_config
 from qae.core.advantages import KEEP_MODES, QUANTILE_METHODS, SCALES, SINGLETON_MODES, estimators
 from qae.core.losses import LossConfig
+from qae.io.configtools import load_yaml_config
 from qae.kcontrol import KControlConfig
 
 __all__ = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qae.errors import RunError
+from qae.io.errors import RunError
 from qae.rewards.extract import ground_truth_text
 
 __all__ = [

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qae.atomic import atomic_write_json
 from qae.core.registry import Registry
 from qae.data import PromptRecord
+from qae.io.atomic import atomic_write_json
 from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward, normalize_answer, score_batch
 
 __all__ = [

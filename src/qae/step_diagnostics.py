@@ -26,8 +26,8 @@ from qae.core.diagnostics import (
     token_views,
     tracking,
 )
+from qae.io.runlog import atomic_write_text
 from qae.rollout import Batch, collate
-from qae.runlog import atomic_write_text
 
 __all__ = ["RunHistory", "attribution_metrics", "token_diagnostics", "token_level_views"]
 

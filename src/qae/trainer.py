@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from qae.config import TrainConfig
-from qae.configtools import config_to_dict, save_yaml_config
 from qae.core.advantages import (
     advantage_stats,
     broadcast_to_tokens,
@@ -43,13 +42,14 @@ from qae.core.advantages import (
 )
 from qae.core.entropy import entropy_change_predictor, masked_mean
 from qae.data import PromptRecord
-from qae.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
+from qae.io.configtools import config_to_dict, save_yaml_config
+from qae.io.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
+from qae.io.resume import resume_checkpoint
+from qae.io.runlock import RunLock
+from qae.io.runlog import Checkpointer, MetricsLogger, remove_stale_temporaries
 from qae.kcontrol import KController, make_controller
-from qae.resume import resume_checkpoint
 from qae.rollout import Batch, concat_batches, generate_batch, sample_batch
-from qae.runlock import RunLock
-from qae.runlog import Checkpointer, MetricsLogger, remove_stale_temporaries
 from qae.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
 from qae.update import (
     active_rows,
@@ -569,9 +569,9 @@ def train(
     checkpoint (a damaged newer one is set aside with a warning).
 
     The run directory is locked for the whole run: a second writer gets
-    :class:`qae.errors.RunLockedError` naming the owner's PID. Ctrl-C raises
-    :class:`qae.errors.TrainingInterrupted` (a ``KeyboardInterrupt``) and a failed write
-    :class:`qae.errors.RunError`, both naming the step reached and the resume command.
+    :class:`qae.io.errors.RunLockedError` naming the owner's PID. Ctrl-C raises
+    :class:`qae.io.errors.TrainingInterrupted` (a ``KeyboardInterrupt``) and a failed write
+    :class:`qae.io.errors.RunError`, both naming the step reached and the resume command.
     """
     _check_run_config(cfg)
     run_dir = Path(cfg.log.out)

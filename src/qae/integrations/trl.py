@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from qae.atomic import atomic_write_json
 from qae.core.advantages import advantage_stats, compute_advantages, estimators
+from qae.io.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 try:

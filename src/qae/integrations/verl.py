@@ -66,7 +66,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qae.atomic import atomic_write_json
 from qae.core.advantages import (
     QUANTILE_METHODS,
     SCALES,
@@ -76,6 +75,7 @@ from qae.core.advantages import (
     compute_advantages,
     estimators,
 )
+from qae.io.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 __all__ = [

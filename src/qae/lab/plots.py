@@ -9,7 +9,7 @@ from typing import Any
 
 import matplotlib
 
-from qae.atomic import atomic_write
+from qae.io.atomic import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

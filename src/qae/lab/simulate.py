@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qae.atomic import atomic_write_json
+from qae.io.atomic import atomic_write_json
 from qae.lab import checks
 from qae.lab.dynamics import MODES
 from qae.lab.groups import parse_estimator

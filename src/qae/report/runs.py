@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from qae.runlog import read_metrics
+from qae.io.runlog import read_metrics
 
 __all__ = [
     "QAE_ONLY",

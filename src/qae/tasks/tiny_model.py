@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from qae.atomic import atomic_write_json
+from qae.io.atomic import atomic_write_json
 from qae.tasks.arithmetic import (
     ALPHABET,
     LEVELS,

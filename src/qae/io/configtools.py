@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from qae.atomic import atomic_write_text
+from qae.io.atomic import atomic_write_text
 
 __all__ = [
     "add_config_arguments",

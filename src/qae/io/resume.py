@@ -1,7 +1,7 @@
 """Resuming a run: the newest whole checkpoint, read strictly.
 
 A checkpoint is whole when every file its manifest lists is there with its size and
-sha256 (:meth:`qae.runlog.Checkpointer.verify`), ``state.pt`` loads (``weights_only``) with
+sha256 (:meth:`qae.io.runlog.Checkpointer.verify`), ``state.pt`` loads (``weights_only``) with
 every part of the run state, and the safetensors files hold exactly the model's weights.
 Nothing is changed in the model until all of that is known, so a damaged checkpoint can be
 passed over for an older whole one, and a run never goes on from the base weights.
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from qae.errors import CheckpointError
-from qae.runlog import Checkpointer
+from qae.io.errors import CheckpointError
+from qae.io.runlog import Checkpointer
 
 __all__ = ["STATE_KEYS", "load_weights", "read_checkpoint", "resume_checkpoint", "weights_mismatch"]
 
@@ -24,7 +24,7 @@ __all__ = ["STATE_KEYS", "load_weights", "read_checkpoint", "resume_checkpoint",
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load a checkpoint's safetensors shards into ``model``, strictly: every weight of the
     model with its shape (a tied weight may be stored once) and nothing else. Raises
-    :class:`qae.errors.CheckpointError`, leaving the model as it was, otherwise."""
+    :class:`qae.io.errors.CheckpointError`, leaving the model as it was, otherwise."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -74,7 +74,7 @@ STATE_KEYS = (
 
 def read_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     """The run state of the checkpoint at ``path``, its weights loaded into ``model``.
-    Raises :class:`qae.errors.CheckpointError` (the model untouched) when the manifest
+    Raises :class:`qae.io.errors.CheckpointError` (the model untouched) when the manifest
     does not match, ``state.pt`` cannot be loaded or a weight is missing."""
     problem = Checkpointer.verify(path)
     if problem is not None:
@@ -95,7 +95,7 @@ def resume_checkpoint(ckpt: Checkpointer, model: torch.nn.Module) -> dict[str, A
     """The run state of the newest whole checkpoint, its weights loaded into ``model``.
 
     Damaged newer checkpoints are moved to ``checkpoints/damaged/`` with a warning; when
-    none is whole, :class:`qae.errors.CheckpointError` says what is wrong with each: a run
+    none is whole, :class:`qae.io.errors.CheckpointError` says what is wrong with each: a run
     never goes on from the base weights.
     """
     damaged: list[tuple[Path, str]] = []

@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    run.lock                 the owner's lock (see :mod:`qae.runlock`)
+    run.lock                 the owner's lock (see :mod:`qae.io.runlock`)
     config.yaml              resolved config (atomic write)
     metrics.jsonl            one JSON object per step, flushed per line
     metrics.corrupt.jsonl    lines of metrics.jsonl found corrupt on resume, set aside
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from qae.atomic import (
+from qae.io.atomic import (
     DIR_MODE,
     FILE_MODE,
     TEMP_SUFFIX,

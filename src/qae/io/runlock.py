@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from qae.atomic import FILE_MODE
-from qae.errors import RunLockedError
+from qae.io.atomic import FILE_MODE
+from qae.io.errors import RunLockedError
 
 try:
     import fcntl
