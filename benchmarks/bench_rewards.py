@@ -60,7 +60,7 @@ def answers() -> list[str]:
     """The MATH-500 answers, or 500 synthetic fractions when the data is absent."""
     path = BENCH / "math500.jsonl"
     if path.is_file():
-        from qae.data import load_prompts
+        from qae.eval.datasets import load_prompts
 
         return [r.answer for r in load_prompts(path)]
     rng = random.Random(0)

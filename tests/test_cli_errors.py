@@ -15,7 +15,7 @@ import torch
 from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
-from qae.data import load_prompts
+from qae.eval.datasets import load_prompts
 from qae.io.runlog import read_metrics
 
 TINY = TINY_TRAIN
@@ -200,7 +200,7 @@ def test_train_rejects_a_prompt_longer_than_the_context_at_load_time(tmp_path, c
 
 
 def test_a_prompt_of_millions_of_characters_is_rejected_in_seconds():
-    from qae.bounds import check_prompt_lengths
+    from qae.eval.bounds import check_prompt_lengths
     from qae.trainer import load_policy
 
     _, tokenizer = load_policy("builtin", torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Tests for qae.data: local files, field mapping, the verl schema, benchmark names."""
+"""Tests for qae.eval.datasets: local files, field mapping, the verl schema, benchmark names."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qae.data import BENCHMARKS, PromptRecord, load_prompts, records_from_rows
+from qae.eval.datasets import BENCHMARKS, PromptRecord, load_prompts, records_from_rows
 
 BENCH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 
@@ -178,7 +178,7 @@ def test_benchmarks_ship_with_the_package(monkeypatch: pytest.MonkeyPatch, name,
 def test_shipped_files_are_recorded_with_their_sources() -> None:
     import hashlib
 
-    from qae.data import BENCHMARK_DIR
+    from qae.eval.datasets import BENCHMARK_DIR
 
     sources = (BENCHMARK_DIR / "SOURCES.md").read_text(encoding="utf-8")
     shipped = sorted(p.name for p in BENCHMARK_DIR.glob("*.jsonl"))

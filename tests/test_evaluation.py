@@ -1,4 +1,4 @@
-"""Tests for qae.evaluation: pass@k against enumeration, majority vote, templates, qae eval."""
+"""Tests for qae.eval.evaluate: pass@k against enumeration, majority vote, templates, qae eval."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.data import PromptRecord, load_prompts
-from qae.evaluation import (
+from qae.eval.datasets import PromptRecord, load_prompts
+from qae.eval.evaluate import (
     add_eval_parser,
     build_prompt,
     evaluate,
@@ -332,7 +332,7 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("qae.evaluation._load_model", refuse)
+    monkeypatch.setattr("qae.eval.evaluate._load_model", refuse)
 
 
 def test_eval_rejects_k_above_n_before_loading_anything(monkeypatch, tmp_path, capsys) -> None:

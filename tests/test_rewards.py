@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qae.data import load_prompts
+from qae.eval.datasets import load_prompts
 from qae.rewards import (
     ScoreTimeout,
     ScoringPool,

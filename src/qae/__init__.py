@@ -30,8 +30,8 @@ from qae.core.losses import (
     policy_losses,
     register_policy_loss,
 )
-from qae.data import PromptRecord, load_prompts
-from qae.evaluation import evaluate, pass_at_k
+from qae.eval.datasets import PromptRecord, load_prompts
+from qae.eval.evaluate import evaluate, pass_at_k
 from qae.kcontrol import (
     KControlConfig,
     KController,

@@ -41,7 +41,7 @@ from qae.core.advantages import (
     compute_advantages,
 )
 from qae.core.entropy import entropy_change_predictor, masked_mean
-from qae.data import PromptRecord
+from qae.eval.datasets import PromptRecord
 from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.io.configtools import config_to_dict, save_yaml_config
 from qae.io.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
@@ -167,8 +167,8 @@ class TaskData:
 
 def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     """Training stream, validation records, reward function and prompt formatter."""
-    from qae.data import load_prompts
-    from qae.evaluation import build_prompt
+    from qae.eval.datasets import load_prompts
+    from qae.eval.evaluate import build_prompt
     from qae.rewards import FailureStreak, get_reward, reward_name
     from qae.tasks.builtin import builtin_records, builtin_task, is_builtin, task_record
 
@@ -400,7 +400,7 @@ def shape_rewards(batch: Batch, cfg: TrainConfig, max_new_tokens: int) -> Batch:
 @torch.no_grad()
 def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> dict[str, float]:
     """mean@n, pass@k (unbiased) and per-difficulty accuracy on the validation records."""
-    from qae.evaluation import pass_at_k
+    from qae.eval.evaluate import pass_at_k
 
     if not data.val or not cfg.eval.enabled:
         return {}
@@ -537,7 +537,7 @@ def _check_run_dir(run_dir: Path, ckpt: Checkpointer, resume: bool) -> None:
 def _check_input_bounds(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> None:
     """The response budget and every listed prompt must fit the model's context (a
     built-in task's endless stream is short by construction and not listed)."""
-    from qae.bounds import check_prompt_lengths, check_response_budget, context_length
+    from qae.eval.bounds import check_prompt_lengths, check_response_budget, context_length
 
     context = context_length(model)
     if context is None:

@@ -19,7 +19,7 @@ from qae.tasks import arithmetic, reasoning
 from qae.tasks.tiny_model import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 
 if TYPE_CHECKING:
-    from qae.data import PromptRecord
+    from qae.eval.datasets import PromptRecord
 
 __all__ = [
     "BUILTIN",
@@ -113,7 +113,7 @@ def builtin_task(name: str, *, field: str = "builtin") -> BuiltinTask:
 def task_record(row: dict, index: int, source: str = "arithmetic") -> PromptRecord:
     """A built-in task row (``prompt``, ``answer``, ``difficulty``, ...) as a prompt record
     whose id is ``<source>-<index>``; the row's other fields go into ``meta``."""
-    from qae.data import PromptRecord
+    from qae.eval.datasets import PromptRecord
 
     meta = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
     return PromptRecord(f"{source}-{index}", row["prompt"], str(row["answer"]), source, None, meta)

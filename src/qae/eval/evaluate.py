@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qae.core.registry import Registry
-from qae.data import PromptRecord
+from qae.eval.datasets import PromptRecord
 from qae.io.atomic import atomic_write_json
 from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward, normalize_answer, score_batch
 
@@ -365,7 +365,7 @@ def evaluate(
     Args:
         model: a Hugging Face causal LM (anything with ``generate`` and ``parameters``).
         tokenizer: its tokenizer; its padding side is set to left while generating.
-        records: problems with reference answers (:func:`qae.data.load_prompts`).
+        records: problems with reference answers (:func:`qae.eval.datasets.load_prompts`).
         n: samples per problem.
         temperature: sampling temperature; 0 means greedy.
         top_p: nucleus sampling threshold (1.0 disables it; top-k is always off).
@@ -465,7 +465,7 @@ def _check_bounds(
 ) -> None:
     """``max_new_tokens`` and every record's prompt must fit the model's context (a model
     whose config names no context length is not checked)."""
-    from qae.bounds import check_prompt_lengths, check_response_budget, context_length
+    from qae.eval.bounds import check_prompt_lengths, check_response_budget, context_length
 
     context = context_length(model)
     if context is None:
@@ -608,7 +608,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     """``qae eval``: check the flags, load the data and the model, evaluate, print the table."""
     import torch
 
-    from qae.data import load_prompts
+    from qae.eval.datasets import load_prompts
     from qae.tasks.builtin import builtin_records, is_builtin
 
     _check_flags(args)

@@ -64,7 +64,7 @@ class PromptRecord:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks_data"
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "benchmarks_data"
 """The evaluation sets shipped with qae (``SOURCES.md`` there records sources and licences)."""
 
 

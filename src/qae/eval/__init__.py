@@ -1,0 +1,1 @@
+"""Evaluation: prompt datasets, input bounds, pass@k / maj@n, and ``qae eval``."""
