@@ -1,4 +1,4 @@
-"""Tests for qae.eval.evaluate: pass@k against enumeration, majority vote, templates, qae eval."""
+"""Tests for qae.eval: pass@k against enumeration, majority vote, templates, qae eval."""
 
 from __future__ import annotations
 
@@ -14,16 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qae.eval.command import add_eval_parser
 from qae.eval.datasets import PromptRecord, load_prompts
-from qae.eval.evaluate import (
-    add_eval_parser,
-    build_prompt,
-    evaluate,
-    format_table,
-    majority_vote,
-    pass_at_k,
-    summarize,
-)
+from qae.eval.evaluate import evaluate
+from qae.eval.metrics import format_table, majority_vote, pass_at_k, summarize
+from qae.eval.prompts import build_prompt
 from qae.rewards import register_reward, reward_functions
 
 # --------------------------------------------------------------------------------------
@@ -332,7 +327,7 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("qae.eval.evaluate._load_model", refuse)
+    monkeypatch.setattr("qae.eval.command._load_model", refuse)
 
 
 def test_eval_rejects_k_above_n_before_loading_anything(monkeypatch, tmp_path, capsys) -> None:

@@ -353,7 +353,7 @@ def test_shipped_model_sampling(shipped):
 
 
 def test_arithmetic_answer_extraction_for_majority_vote():
-    from qae.eval.evaluate import majority_vote
+    from qae.eval.metrics import majority_vote
     from qae.tasks.arithmetic import extract_arithmetic_answer
 
     assert extract_arithmetic_answer(" 61</s><pad>") == "61"

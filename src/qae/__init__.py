@@ -31,7 +31,8 @@ from qae.core.losses import (
     register_policy_loss,
 )
 from qae.eval.datasets import PromptRecord, load_prompts
-from qae.eval.evaluate import evaluate, pass_at_k
+from qae.eval.evaluate import evaluate
+from qae.eval.metrics import pass_at_k
 from qae.kcontrol import (
     KControlConfig,
     KController,

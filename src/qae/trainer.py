@@ -168,7 +168,7 @@ class TaskData:
 def load_task_data(cfg: TrainConfig, tokenizer: Any) -> TaskData:
     """Training stream, validation records, reward function and prompt formatter."""
     from qae.eval.datasets import load_prompts
-    from qae.eval.evaluate import build_prompt
+    from qae.eval.prompts import build_prompt
     from qae.rewards import FailureStreak, get_reward, reward_name
     from qae.tasks.builtin import builtin_records, builtin_task, is_builtin, task_record
 
@@ -400,7 +400,7 @@ def shape_rewards(batch: Batch, cfg: TrainConfig, max_new_tokens: int) -> Batch:
 @torch.no_grad()
 def validate(model: Any, tokenizer: Any, data: TaskData, cfg: TrainConfig) -> dict[str, float]:
     """mean@n, pass@k (unbiased) and per-difficulty accuracy on the validation records."""
-    from qae.eval.evaluate import pass_at_k
+    from qae.eval.metrics import pass_at_k
 
     if not data.val or not cfg.eval.enabled:
         return {}
