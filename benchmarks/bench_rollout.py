@@ -1,9 +1,9 @@
 """Rollout speed: qae's cached sampler against Hugging Face ``generate``.
 
 Claim measured: for the shipped tiny policies on a CPU, ``rollout.backend=sampler``
-(:func:`qae.rollout.sample_batch`: one prefill per prompt shared by its G samples,
+(:func:`qae.train.rollout.sample_batch`: one prefill per prompt shared by its G samples,
 finished responses leave the batch, log-probs and entropy recorded) generates one
-rollout round faster than the ``hf`` backend (:func:`qae.rollout.generate_batch`, which
+rollout round faster than the ``hf`` backend (:func:`qae.train.rollout.generate_batch`, which
 calls ``model.generate`` with ``num_return_sequences=G`` and records the sampling
 entropy), with the same prompts and budget.
 
@@ -38,8 +38,8 @@ import time
 
 import torch
 
-from qae.rollout import generate_batch, sample_batch
 from qae.tasks.builtin import builtin_task
+from qae.train.rollout import generate_batch, sample_batch
 
 
 def _setting(task_name: str, prompts: int):

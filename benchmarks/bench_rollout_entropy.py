@@ -1,7 +1,7 @@
 """Cost of measuring the sampling entropy while generating (``rollout/entropy``).
 
 Claim measured: recording, at every generated token, the entropy of each row's sampling
-distribution (``qae.rollout.generate_batch(measure_entropy=True)``, one softmax over the
+distribution (``qae.train.rollout.generate_batch(measure_entropy=True)``, one softmax over the
 vocabulary per token) adds a small fraction to Hugging Face ``generate``.
 
 Two settings, each timed with and without the recorder, interleaved, best and median of
@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from qae.rollout import _EntropyRecorder
 from qae.tasks import iter_train
 from qae.tasks.tiny_model import load_tiny_model
+from qae.train.rollout import _EntropyRecorder
 
 
 def _generate(model, ids, attn, *, new_tokens: int, recorder, eos) -> None:

@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from qae.config import load_preset
 from qae.core.advantages import compute_advantages
 from qae.io.configtools import apply_overrides
-from qae.rollout import Batch, generate_batch
-from qae.trainer import load_policy, score_batch
-from qae.update import accumulate_gradients, active_rows, batch_logprobs, scatter_rows
+from qae.train.config import load_preset
+from qae.train.rollout import Batch, generate_batch
+from qae.train.trainer import load_policy, score_batch
+from qae.train.update import accumulate_gradients, active_rows, batch_logprobs, scatter_rows
 
 
 def embedded_batch():

@@ -10,7 +10,7 @@ Usage::
     python benchmarks/bench_train_step.py --steps 20 --warmup 5 --threads 2
     python benchmarks/bench_train_step.py --skip-trl       # qae only
 
-qae runs through ``qae.trainer.train`` with ``eval.enabled false`` and
+qae runs through ``qae.train.trainer.train`` with ``eval.enabled false`` and
 ``rollout.dynamic_sampling false``, so that each step generates exactly one batch of 128
 responses, and the figures are the trainer's own per-step metrics from ``metrics.jsonl``
 (``time/generate``, ``time/score``, ``time/logprob``, ``time/train``, ``time/step``,
@@ -27,7 +27,7 @@ settings:
   through forward and backward as in TRL: the like-for-like row.
 
 TRL (when importable) runs in the same process on the same model weights, the same prompt
-stream (the records ``qae.trainer`` draws from ``arithmetic.iter_train(seed)``, in order),
+stream (the records ``qae.train.trainer`` draws from ``arithmetic.iter_train(seed)``, in order),
 16 prompts x 8 generations per optimizer step (``per_device_train_batch_size=128``,
 ``gradient_accumulation_steps=1``, ``steps_per_generation=1``), the same generation length,
 sampling (temperature 1, top_p 1, top_k 0), loss (``loss_type="dapo"`` = token-mean,
@@ -69,8 +69,8 @@ from typing import Any
 
 import torch
 
-from qae.config import TrainConfig, load_preset
 from qae.io.configtools import apply_overrides
+from qae.train.config import TrainConfig, load_preset
 
 PROMPTS, GROUP = 16, 8  # the arithmetic preset's batch: P prompts x G samples per step
 PHASES = ("generate", "score", "logprob", "train", "other", "step")
@@ -128,7 +128,7 @@ def _gaps(ends: dict[int, tuple[float, float]], steps: list[int]) -> Gaps:
 def run_qae(cfg: TrainConfig, warmup: int) -> tuple[Rows, Gaps]:
     """Train with ``cfg``; its own per-step metrics after ``warmup`` steps, and the gaps
     between the ends of consecutive steps."""
-    from qae.trainer import train
+    from qae.train.trainer import train
 
     stamps: dict[int, tuple[float, float]] = {}
 
@@ -183,7 +183,7 @@ def run_trl(
 
     from qae.tasks import arithmetic_score, tiny_model_path
     from qae.tasks.tiny_model import MAX_NEW_TOKENS
-    from qae.trainer import load_task_data
+    from qae.train.trainer import load_task_data
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)

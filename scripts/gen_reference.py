@@ -1,6 +1,6 @@
 """Write the generated reference pages of the docs from the code.
 
-- ``docs/reference/config.md``: every field of :class:`qae.config.TrainConfig` (type,
+- ``docs/reference/config.md``: every field of :class:`qae.train.config.TrainConfig` (type,
   default, ``--flag``, help text from the field's docstring) and what each shipped
   preset changes;
 - ``docs/reference/cli.md``: every ``qae`` sub-command with its options, read from the
@@ -81,8 +81,8 @@ def _leaf(cfg: object, dotted: str) -> object:
 def render_config() -> str:
     """``docs/reference/config.md`` from the config tree and the presets."""
     from qae.cli import TRAIN_ALIASES
-    from qae.config import TrainConfig, load_preset, preset_names
     from qae.io.configtools import field_help, iter_leaves
+    from qae.train.config import TrainConfig, load_preset, preset_names
 
     defaults = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)
@@ -91,7 +91,7 @@ def render_config() -> str:
         "",
         "# Configuration",
         "",
-        "`qae train` reads one config tree, `qae.config.TrainConfig`. Each field below is",
+        "`qae train` reads one config tree, `qae.train.config.TrainConfig`. Each field below is",
         "a command-line flag (`--section.field VALUE`) and a key of a YAML file or preset",
         "(`section: {field: value}`); the order of application is: defaults, then",
         "`--config` (a preset name or a YAML file), then the flags. Lists are written",

@@ -120,16 +120,16 @@ def test_a_full_disk_stops_the_run_in_one_line_with_the_resume_command(
 
 
 def test_ctrl_c_prints_the_step_reached_and_the_resume_command(tmp_path, capsys, monkeypatch):
-    import qae.trainer
+    import qae.train.trainer
 
-    real = qae.trainer.train_step
+    real = qae.train.trainer.train_step
 
     def step_then_ctrl_c(step, *args, **kwargs):
         if step == 3:
             raise KeyboardInterrupt
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(qae.trainer, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(qae.train.trainer, "train_step", step_then_ctrl_c)
     run = tmp_path / "run"
     flags = [*TINY, "--steps", "4", "--log.checkpoint_every", "2", "--out", str(run)]
     try:
@@ -201,7 +201,7 @@ def test_train_rejects_a_prompt_longer_than_the_context_at_load_time(tmp_path, c
 
 def test_a_prompt_of_millions_of_characters_is_rejected_in_seconds():
     from qae.eval.bounds import check_prompt_lengths
-    from qae.trainer import load_policy
+    from qae.train.trainer import load_policy
 
     _, tokenizer = load_policy("builtin", torch.device("cpu"))
     huge = "1+2=" * 2_500_000  # 10 MB: tokenizing all of it takes half a minute

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 
-from qae.config import TrainConfig, load_preset, preset_names
 from qae.io.configtools import (
     add_config_arguments,
     apply_overrides,
@@ -17,6 +16,7 @@ from qae.io.configtools import (
     load_yaml_config,
     save_yaml_config,
 )
+from qae.train.config import TrainConfig, load_preset, preset_names
 
 
 def test_every_field_has_help_text():

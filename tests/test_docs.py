@@ -199,8 +199,8 @@ def test_generated_reference_pages_are_up_to_date():
 
 
 def test_config_reference_lists_every_field_with_its_default():
-    from qae.config import TrainConfig
     from qae.io.configtools import iter_leaves
+    from qae.train.config import TrainConfig
 
     text = (DOCS / "reference" / "config.md").read_text(encoding="utf-8")
     names = [name for name, *_ in iter_leaves(TrainConfig)]

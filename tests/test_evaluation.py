@@ -361,7 +361,7 @@ def test_eval_without_out_writes_to_a_printed_default(monkeypatch, tmp_path, cap
 @pytest.mark.parametrize("name", ["builtin", "builtin:arithmetic"])
 def test_eval_and_train_take_the_same_builtin_model_names(name, tmp_path, capsys) -> None:
     from qae.cli import main
-    from qae.trainer import load_policy
+    from qae.train.trainer import load_policy
 
     out = tmp_path / "e"
     argv = ["eval", "--model", name, "--data", "builtin:arithmetic", *_TINY_EVAL]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qae.filters import (
+from qae.train.filters import (
     informative_groups,
     keep_informative_groups,
     mask_truncated,
     overlong_penalty,
     take_groups,
 )
-from qae.rollout import Batch, collate, concat_batches
+from qae.train.rollout import Batch, collate, concat_batches
 
 
 def make_batch(scores, groups, lengths=None, truncated=None):

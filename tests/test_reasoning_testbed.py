@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from qae.cli import main
-from qae.config import TrainConfig, load_preset
 from qae.io.configtools import apply_overrides
 from qae.io.runlog import read_metrics
 from qae.tasks import reasoning
@@ -22,7 +21,8 @@ from qae.tasks.reasoning_model import (
     reasoning_model_path,
 )
 from qae.tasks.tiny_model import BUILD_INFO_FILE, _encode_batch, pretrain
-from qae.trainer import load_policy, train
+from qae.train.config import TrainConfig, load_preset
+from qae.train.trainer import load_policy, train
 
 COMPARED = [
     "reward/mean",
@@ -89,7 +89,7 @@ def test_shipped_model_writes_step_by_step_solutions():
     model, tok = load_reasoning_model()
     records = reasoning.make_split("validation", 24)
     torch.manual_seed(0)
-    from qae.rollout import sample_batch
+    from qae.train.rollout import sample_batch
 
     batch = sample_batch(
         model,

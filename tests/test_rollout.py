@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qae.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
 from qae.tasks.tiny_model import load_tiny_model
+from qae.train.rollout import Batch, collate, concat_batches, generate_batch, response_logprobs
 
 
 @pytest.fixture(scope="module")

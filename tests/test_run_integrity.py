@@ -16,10 +16,10 @@ import torch
 from tiny_flags import TINY_TRAIN
 
 from qae.cli import main
-from qae.config import load_preset
 from qae.io.configtools import apply_overrides
 from qae.io.runlog import Checkpointer, MetricsLogger, read_metrics
-from qae.trainer import train
+from qae.train.config import load_preset
+from qae.train.trainer import train
 
 DETERMINISTIC = [
     "reward/mean",
@@ -83,7 +83,7 @@ def _one_line(stderr: str) -> str:
 GATED_RUN = """
 import sys, time
 from pathlib import Path
-import qae.trainer as t
+import qae.train.trainer as t
 
 gate, real = Path(sys.argv[1]), t.train_step
 
@@ -280,7 +280,7 @@ def test_weights_load_strictly_and_leave_the_model_alone_on_a_mismatch(tmp_path)
 
     from qae.io.errors import CheckpointError
     from qae.io.resume import load_weights
-    from qae.trainer import load_policy
+    from qae.train.trainer import load_policy
 
     model, _ = load_policy("builtin:arithmetic", torch.device("cpu"))
     weights = {k: v.clone() + 1 for k, v in model.state_dict().items()}

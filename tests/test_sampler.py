@@ -1,4 +1,4 @@
-"""Tests of the cached sampling loop (qae.sampler) and the ``sampler`` rollout backend."""
+"""Tests of the cached sampling loop (qae.train.sampler) and the ``sampler`` rollout backend."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from qae.rollout import (
+from qae.tasks import make_split
+from qae.tasks.tiny_model import load_tiny_model
+from qae.train.rollout import (
     collate,
     concat_batches,
     generate_batch,
     response_logprobs,
     sample_batch,
 )
-from qae.sampler import _top_p_filter, sample_responses
-from qae.tasks import make_split
-from qae.tasks.tiny_model import load_tiny_model
+from qae.train.sampler import _top_p_filter, sample_responses
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qae.config import TrainConfig
 from qae.core.advantages import compute_advantages
 from qae.core.losses import AGG_MODES
 from qae.io.configtools import apply_overrides
-from qae.rollout import generate_batch
 from qae.tasks import make_split
-from qae.trainer import load_policy
-from qae.update import accumulate_gradients, batch_logprobs, scatter_rows, skip_is_exact
+from qae.train.config import TrainConfig
+from qae.train.rollout import generate_batch
+from qae.train.trainer import load_policy
+from qae.train.update import accumulate_gradients, batch_logprobs, scatter_rows, skip_is_exact
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from qae.cli import main
-from qae.config import TrainConfig, load_preset
 from qae.io.configtools import apply_overrides
 from qae.io.runlog import read_metrics
-from qae.trainer import PromptStream, load_policy, train
+from qae.train.config import TrainConfig, load_preset
+from qae.train.trainer import PromptStream, load_policy, train
 
 DETERMINISTIC = [
     "reward/mean",

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from qae.config import DataConfig, TrainConfig, load_preset
 from qae.io.configtools import apply_overrides
 from qae.io.runlog import read_metrics
 from qae.rewards import FailureStreak, RewardFailure, register_reward, reward_functions
-from qae.trainer import train
+from qae.train.config import DataConfig, TrainConfig, load_preset
+from qae.train.trainer import train
 
 ALWAYS_FAILS = "test-reward-always-fails"
 FAILS_SOMETIMES = "test-reward-fails-sometimes"

@@ -88,9 +88,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from qae.config import TrainConfig, load_preset
     from qae.io.configtools import config_from_args, load_yaml_config
-    from qae.trainer import train
+    from qae.train.config import TrainConfig, load_preset
+    from qae.train.trainer import train
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
 
@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_report_parser(sub)
 
-    from qae.config import TrainConfig, preset_names
     from qae.io.configtools import add_config_arguments
+    from qae.train.config import TrainConfig, preset_names
 
     p = sub.add_parser(
         "train",

@@ -127,7 +127,7 @@ def cpu_count() -> int:
 def base_config(base: str = ""):
     """The configuration a grid's overrides apply to: ``TrainConfig()`` for an empty
     ``base``, else the preset or YAML file it names."""
-    from qae.config import TrainConfig, load_preset
+    from qae.train.config import TrainConfig, load_preset
 
     return load_preset(base) if base else TrainConfig()
 
@@ -255,7 +255,7 @@ def expand_grid(
 
 
 def build_config(spec: RunSpec):
-    """The run's :class:`~qae.config.TrainConfig`: its base plus its overrides."""
+    """The run's :class:`~qae.train.config.TrainConfig`: its base plus its overrides."""
     from qae.io.configtools import apply_overrides
 
     return apply_overrides(base_config(spec.base), spec.overrides)
@@ -555,7 +555,7 @@ def _run_one(spec_path: str) -> int:
     """Worker entry: build the run's config and train (resuming when asked)."""
     from transformers.utils import logging as hf_logging
 
-    from qae.trainer import train
+    from qae.train.trainer import train
 
     hf_logging.disable_progress_bar()
     data = json.loads(Path(spec_path).read_text())

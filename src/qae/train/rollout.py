@@ -261,8 +261,8 @@ def batch_from_token_outputs(
     logprobs: Sequence[Sequence[Sequence[float]]] | None = None,
     entropy: Sequence[Sequence[Sequence[float]]] | None = None,
 ) -> Batch:
-    """A :class:`~qae.rollout.Batch` from sampled token ids, laid out as
-    :func:`~qae.rollout.generate_batch` lays it out.
+    """A :class:`~qae.train.rollout.Batch` from sampled token ids, laid out as
+    :func:`~qae.train.rollout.generate_batch` lays it out.
 
     Args:
         prompts: P prompt texts. answers: P ground truths.
@@ -351,10 +351,10 @@ def sample_batch(
     batch_size: int = 256,
 ) -> Batch:
     """Sample ``group_size`` responses per prompt with qae's cached sampling loop
-    (:func:`qae.sampler.sample_responses`: one prefill per prompt, finished rows leave the
+    (:func:`qae.train.sampler.sample_responses`: one prefill per prompt, finished rows leave the
     batch); the same contract as :func:`generate_batch`, with ``Batch.sample_entropy``
     and ``Batch.sample_logprobs`` filled. ``batch_size`` bounds the rows of one loop."""
-    from qae.sampler import sample_responses
+    from qae.train.sampler import sample_responses
 
     encoded = encode_prompts(tokenizer, prompts, answers, group_size)
     eos = tokenizer.eos_token_id

@@ -7,10 +7,10 @@ responses; before each step :meth:`VLLMRollout.sync_weights` copies the training
 current parameters into it and clears its prefix cache, so every step samples from the
 policy being trained. Validation keeps Hugging Face ``generate``.
 
-The result is a :class:`qae.rollout.Batch` laid out exactly as
-:func:`qae.rollout.generate_batch` lays it out; :func:`qae.rollout.batch_from_token_outputs`
-(re-exported here), the pure part, turns token ids into that layout and is tested without
-vLLM or a GPU.
+The result is a :class:`qae.train.rollout.Batch` laid out exactly as
+:func:`qae.train.rollout.generate_batch` lays it out;
+:func:`qae.train.rollout.batch_from_token_outputs` (re-exported here), the pure part, turns
+token ids into that layout and is tested without vLLM or a GPU.
 
 Departures from the ``hf`` backend: each ``generate`` call gives vLLM a request seed drawn
 from torch's CPU generator (seeded by ``trainer.seed`` and checkpointed, so a resumed run
@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qae.rollout import Batch, batch_from_token_outputs, encode_prompts
+from qae.train.rollout import Batch, batch_from_token_outputs, encode_prompts
 
 if TYPE_CHECKING:
-    from qae.config import TrainConfig
+    from qae.train.config import TrainConfig
 
 __all__ = [
     "VLLMRollout",
@@ -284,7 +284,7 @@ class VLLMRollout:
         max_new_tokens: int = 16,
     ) -> Batch:
         """Sample ``group_size`` responses for each prompt; the same contract as
-        :func:`qae.rollout.generate_batch` (temperature 0 is greedy)."""
+        :func:`qae.train.rollout.generate_batch` (temperature 0 is greedy)."""
         encoded = encode_prompts(self.tokenizer, prompts, answers, group_size)
         greedy = temperature == 0
         # Greedy samples of one prompt are identical: draw one and repeat it.

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qae.config import TrainConfig
 from qae.core.advantages import broadcast_to_tokens
 from qae.core.losses import batch_counts, compute_policy_loss
-from qae.rollout import Batch, collate, response_logprobs
+from qae.train.config import TrainConfig
+from qae.train.rollout import Batch, collate, response_logprobs
 
 __all__ = [
     "accumulate_gradients",

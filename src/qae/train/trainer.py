@@ -3,7 +3,7 @@
 One step: prompts -> G sampled responses per prompt -> rewards -> dynamic sampling and
 overlong handling -> advantages (registered estimator) -> PPO mini-batch updates with the
 registered loss -> metrics -> checkpoint. The modules own the math (the update phase is
-:mod:`qae.update`, the per-step diagnostics :mod:`qae.step_diagnostics`); this file owns
+:mod:`qae.train.update`, the per-step diagnostics :mod:`qae.train.step_diagnostics`); this file owns
 the loop and its state.
 
 Where this loop departs from the paper's DAPO recipe (verl):
@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from qae.config import TrainConfig
 from qae.core.advantages import (
     advantage_stats,
     broadcast_to_tokens,
@@ -42,16 +41,17 @@ from qae.core.advantages import (
 )
 from qae.core.entropy import entropy_change_predictor, masked_mean
 from qae.eval.datasets import PromptRecord
-from qae.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
 from qae.io.configtools import config_to_dict, save_yaml_config
 from qae.io.errors import RunError, TrainingInterrupted, describe_os_error, resume_hint
 from qae.io.resume import resume_checkpoint
 from qae.io.runlock import RunLock
 from qae.io.runlog import Checkpointer, MetricsLogger, remove_stale_temporaries
 from qae.kcontrol import KController, make_controller
-from qae.rollout import Batch, concat_batches, generate_batch, sample_batch
-from qae.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
-from qae.update import (
+from qae.train.config import TrainConfig
+from qae.train.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
+from qae.train.rollout import Batch, concat_batches, generate_batch, sample_batch
+from qae.train.step_diagnostics import RunHistory, attribution_metrics, token_diagnostics
+from qae.train.update import (
     active_rows,
     batch_logprobs,
     scatter_rows,
@@ -298,7 +298,7 @@ def collect_rollouts(
 ) -> tuple[Batch, dict[str, float]]:
     """Sample, score and (with dynamic sampling) filter until the step's batch is full.
 
-    ``engine`` (``rollout.backend=vllm``: a :class:`qae.vllm_rollout.VLLMRollout`) samples
+    ``engine`` (``rollout.backend=vllm``: a :class:`qae.train.vllm_rollout.VLLMRollout`) samples
     instead of ``generate``, after taking the model's current weights. Raises
     :class:`qae.rewards.RewardFailure` once the reward function has failed on every
     response of ``data.reward_fail_steps`` steps in a row.
@@ -619,7 +619,7 @@ def _train_locked(
         model.gradient_checkpointing_enable()
     engine = None
     if cfg.rollout.backend == "vllm":
-        from qae.vllm_rollout import VLLMRollout
+        from qae.train.vllm_rollout import VLLMRollout
 
         engine = VLLMRollout.from_config(cfg, tokenizer, device)
     ref_model = None

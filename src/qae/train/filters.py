@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qae.rollout import Batch
+from qae.train.rollout import Batch
 
 __all__ = [
     "informative_groups",

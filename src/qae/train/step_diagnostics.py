@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from qae.config import TrainConfig
 from qae.core.advantages import broadcast_to_tokens, group_regimes
 from qae.core.diagnostics import (
     covariance_parts,
@@ -27,7 +26,8 @@ from qae.core.diagnostics import (
     tracking,
 )
 from qae.io.runlog import atomic_write_text
-from qae.rollout import Batch, collate
+from qae.train.config import TrainConfig
+from qae.train.rollout import Batch, collate
 
 __all__ = ["RunHistory", "attribution_metrics", "token_diagnostics", "token_level_views"]
 
