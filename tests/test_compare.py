@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qae.compare import (
+from qae.io.runlog import atomic_write_text, read_metrics
+from qae.report.compare import (
     GRIDS,
     RunSpec,
     RunState,
@@ -22,7 +23,6 @@ from qae.compare import (
     run_compare,
     run_status,
 )
-from qae.io.runlog import atomic_write_text, read_metrics
 
 TINY = {
     "rollout.prompts_per_step": 4,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.compare import GRIDS, build_config, dedup_grid, expand_grid, load_grid
 from qae.report import build_report, diagnostics_summary, group_runs, load_run, run_tracking
+from qae.report.compare import GRIDS, build_config, dedup_grid, expand_grid, load_grid
 from qae.report.diagnostics import choose_steps, load_histograms, tracking_pairs
 
 N = 40

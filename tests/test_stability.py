@@ -14,9 +14,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qae.compare import GRIDS, STABILITY_LRS, build_config, dedup_grid, expand_grid, run_compare
 from qae.io.runlog import read_metrics
 from qae.report import add_report_parser
+from qae.report.compare import (
+    GRIDS,
+    STABILITY_LRS,
+    build_config,
+    dedup_grid,
+    expand_grid,
+    run_compare,
+)
 from qae.report.runs import RunData, load_run
 from qae.report.stability import (
     RunStability,

@@ -154,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_regimes)
 
-    from qae.compare import add_compare_parser
     from qae.eval.command import add_eval_parser
     from qae.lab.simulate import add_simulate_parser
     from qae.report import add_report_parser
+    from qae.report.compare import add_compare_parser
 
     add_eval_parser(sub)
     add_simulate_parser(sub)

@@ -4,7 +4,8 @@ Reads run directories (``metrics.jsonl``; TensorBoard event files when ``tensorb
 installed), groups them by configuration, and writes into ``--out``: one PNG per quantity
 (mean over seeds with a +-1 std band), ``report.html`` (the PNGs inlined), ``table.md``
 and ``summary.json`` (the table's numbers, per seed included), plus the entropy-diagnostics
-panels of :mod:`qae.report.diagnostics` for runs that logged them.
+panels of :mod:`qae.report.diagnostics` for runs that logged them. The grids of runs a
+report compares are run by ``qae compare`` (:mod:`qae.report.compare`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A grid is a list of named configurations, each a set of dotted overrides on a ba
 configuration: the embedded default (``TrainConfig()``), or a preset or YAML file given as
 ``--config`` (``qae compare --config reasoning`` runs the grid on the reasoning testbed).
 Every (configuration, seed) pair gets its own run directory
-``OUT/<name>/seed<seed>`` and its own process (``python -m qae.compare run-one``), so a
+``OUT/<name>/seed<seed>`` and its own process (``python -m qae.report.compare run-one``), so a
 crash, a kill or an out-of-memory in one run leaves the others alone. At most ``parallel``
 processes run at once, each with ``max(1, cpu_count // parallel)`` torch threads.
 
@@ -394,7 +394,7 @@ class CompareResult:
         return [r["label"] for r in self.summary["runs"] if r["status"] == "failed"]
 
 
-WORKER = (sys.executable, "-m", "qae.compare", "run-one")
+WORKER = (sys.executable, "-m", "qae.report.compare", "run-one")
 """The command that runs one spec (the spec file's path is appended)."""
 
 
@@ -685,10 +685,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qae.compare run-one SPEC.json``: the worker process of one run."""
+    """``python -m qae.report.compare run-one SPEC.json``: the worker process of one run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2 or argv[0] != "run-one":
-        print("usage: python -m qae.compare run-one SPEC.json", file=sys.stderr)
+        print("usage: python -m qae.report.compare run-one SPEC.json", file=sys.stderr)
         return 2
     return _run_one(argv[1])
 
