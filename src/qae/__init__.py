@@ -1,5 +1,7 @@
 """qae: Quantile Advantage Estimation for entropy-safe RLVR on language models."""
 
+# The built-in tasks register their verifiers (rewards "arithmetic", "reasoning") on import.
+from qae import tasks  # noqa: F401
 from qae.core.advantages import (
     QUANTILE_METHODS,
     SCALES,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qae.io.errors import RunError
-from qae.rewards.extract import ground_truth_text
+from qae.rewards.reference import ground_truth_text
 
 __all__ = [
     "BENCHMARKS",

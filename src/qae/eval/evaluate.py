@@ -1,8 +1,8 @@
 """Sampling evaluation of a causal LM on math benchmarks: :func:`evaluate`.
 
-For every problem, n responses are sampled (Hugging Face ``model.generate``), scored with a
-reward function (``"math"`` by default) and summarised per benchmark with pass@k, mean@n
-and maj@n (:mod:`qae.eval.metrics`).
+For every problem, n responses are sampled (Hugging Face ``model.generate``) and scored with
+a reward function (``"math"`` by default) through :mod:`qae.eval.sampling`, then summarised
+per benchmark with pass@k, mean@n and maj@n (:mod:`qae.eval.metrics`).
 
 Files written to ``out_dir``: ``config.json`` (what was run), ``samples.jsonl`` (one line per
 sample, appended one problem at a time and flushed) and ``summary.json`` (replaced
@@ -12,20 +12,20 @@ atomically). Running again with the same ``out_dir`` skips the problems already 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from qae.eval.datasets import PromptRecord
 from qae.eval.metrics import summarize
 from qae.eval.prompts import build_prompt, prompt_templates
+from qae.eval.sampling import generate_texts, generation_mode, score_responses
 from qae.io.atomic import atomic_write_json
-from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward, score_batch
+from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward
 
 __all__ = ["CONFIG_FILE", "SAMPLES_FILE", "SUMMARY_FILE", "evaluate"]
 
@@ -91,29 +91,16 @@ def _generate(
 ) -> list[str]:
     import torch
 
-    device = next(model.parameters()).device
-    templated = all(t for _, t in prompts)
-    enc = tokenizer(
-        [p for p, _ in prompts],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=not templated,
-    ).to(device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(do_sample=False)
     torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            **kwargs,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    new_tokens = out[:, enc["input_ids"].shape[1] :]  # [B, T]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return generate_texts(
+        model,
+        tokenizer,
+        [p for p, _ in prompts],
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        add_special_tokens=not all(t for _, t in prompts),
+    )
 
 
 def _batch_seed(seed: int, record: PromptRecord, sample: int) -> int:
@@ -154,24 +141,6 @@ def _resume(
         done_samples[(row["source"], str(row["problem_id"]))].add(int(row["sample"]))
     finished = {key for key, got in done_samples.items() if got >= set(range(n))}
     return rows, [r for r in records if (r.source, r.id) not in finished]
-
-
-@contextlib.contextmanager
-def _generation_mode(model: Any, tokenizer: Any) -> Iterator[None]:
-    """Left padding (with the end token as pad if the tokenizer has none) and eval mode
-    while sampling; both restored afterwards."""
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        yield
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
-        if was_training:
-            model.train()
 
 
 def _append_rows(sink: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -250,7 +219,7 @@ def evaluate(
     sink = (out / SAMPLES_FILE).open("a", encoding="utf-8") if out is not None else None
     bar = tqdm(total=len(jobs), desc="eval", unit="sample", disable=not progress)
     try:
-        with _generation_mode(model, tokenizer):
+        with generation_mode(model, tokenizer):
             for start in range(0, len(jobs), batch_size):
                 batch = jobs[start : start + batch_size]
                 for i, _ in batch:
@@ -342,13 +311,10 @@ def _score_problems(
     ]
     if not flat:
         return []
-    scores = score_batch(
-        reward_fn,
-        [text for _, _, text in flat],
-        [p.answer for p, _, _ in flat],
-        workers=workers,
-        timeout=timeout,
+    per_problem = score_responses(
+        reward_fn, responses, [p.answer for p in problems], workers=workers, timeout=timeout
     )
+    scores = [score for row in per_problem for score in row]
     # A reward function may say how to read a response's answer (``fn.extract``).
     extract = getattr(reward_fn, "extract", extract_answer)
     return [

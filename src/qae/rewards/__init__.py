@@ -4,7 +4,9 @@ Reward functions are plain callables ``fn(response, ground_truth) -> float | Non
 by name (``reward="math"``); users may pass their own callable anywhere a name is accepted.
 ``math`` reads the final answer as :mod:`qae.rewards.extract` describes (unmarked answers
 included); ``math_anchored`` scores 0 unless a box, an ``Answer:`` line or an "answer ..."
-phrase marks the answer.
+phrase marks the answer. The built-in tasks register their own exact verifiers
+(``arithmetic``, ``reasoning``) when :mod:`qae.tasks` is imported, which ``import qae``
+does.
 """
 
 from qae.rewards.base import (
@@ -24,7 +26,6 @@ from qae.rewards.extract import (
     answer_line,
     extract_answer,
     extract_candidates,
-    ground_truth_text,
     last_boxed,
     last_math,
     last_number,
@@ -32,14 +33,10 @@ from qae.rewards.extract import (
 )
 from qae.rewards.math import MathReward, answers_equivalent, math_score
 from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, ScoringPool, time_limit
-from qae.tasks.arithmetic import arithmetic_score
-from qae.tasks.reasoning import reasoning_score
+from qae.rewards.reference import ground_truth_text
 
 register_reward("math", isolated=True)(math_score)
 register_reward("math_anchored")(MathReward(fallback="none"))
-# The built-in tasks' exact verifiers: microseconds per item, scored in-process.
-register_reward("arithmetic", isolated=False)(arithmetic_score)
-register_reward("reasoning", isolated=False)(reasoning_score)
 
 __all__ = [
     "DEFAULT_TIMEOUT",

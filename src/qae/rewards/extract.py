@@ -21,7 +21,6 @@ winner ("Answer: see above") tries them in turn.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -31,7 +30,6 @@ __all__ = [
     "answer_line",
     "extract_answer",
     "extract_candidates",
-    "ground_truth_text",
     "last_boxed",
     "last_math",
     "last_number",
@@ -450,39 +448,7 @@ def extract_answer(
 
 
 # --------------------------------------------------------------------------------------
-# Ground truths and normalisation
-
-
-def ground_truth_text(ground_truth: object) -> str:
-    """A ground truth as answer text: ints and integral floats without ``.0``, strings stripped.
-
-    ``27.0 -> "27"``, ``7 -> "7"``, ``0.5 -> "0.5"``, ``"\\boxed{3}" -> "3"``,
-    ``"$5$" -> "5"``, ``"$1$ and $2$" -> "1, 2"``, GSM8K-style ``"... #### 1,000" -> "1000"``.
-    """
-    if isinstance(ground_truth, bool):
-        return str(int(ground_truth))
-    if isinstance(ground_truth, int):
-        return str(ground_truth)
-    if isinstance(ground_truth, float):
-        if math.isfinite(ground_truth) and ground_truth == int(ground_truth):
-            return str(int(ground_truth))
-        return repr(ground_truth)
-    text = str(ground_truth).strip()
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "")
-    box = boxed_group(text)
-    if box is not None:
-        return box.answer
-    if _has_delimiters(text):
-        envs = [s for s in math_spans(text, _tail_start(text)) if s.kind == "env"]
-        if envs:
-            return _group_back(text, envs, len(envs) - 1).answer
-    return text
-
-
-def _has_delimiters(text: str) -> bool:
-    plain = text.replace("\\$", "")
-    return "$" in plain or "\\(" in plain or "\\[" in plain
+# Normalisation
 
 
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")

@@ -32,15 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from qae.rewards.extract import (
-    FALLBACKS,
-    MAX_ANSWER_CHARS,
-    extract_answer,
-    extract_candidates,
-    ground_truth_text,
-)
+from qae.rewards.extract import FALLBACKS, MAX_ANSWER_CHARS, extract_answer, extract_candidates
 from qae.rewards.numeric import numeric_elements, numeric_value
 from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, bounded_call, time_limit
+from qae.rewards.reference import ground_truth_text
 
 __all__ = ["MathKey", "MathReward", "answers_equivalent", "math_input", "math_score"]
 

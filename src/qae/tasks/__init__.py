@@ -1,5 +1,10 @@
-"""Built-in verifiable tasks and the tiny base policy pre-trained on them."""
+"""Built-in verifiable tasks and the tiny base policy pre-trained on them.
 
+Each task registers its exact verifier as a reward when it is imported (``arithmetic``,
+``reasoning``); importing this package imports both, and ``import qae`` imports it.
+"""
+
+from qae.tasks import reasoning  # noqa: F401  (registers the reward "reasoning")
 from qae.tasks.arithmetic import (
     LEVELS,
     Level,

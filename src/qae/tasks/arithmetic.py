@@ -23,7 +23,8 @@ builds those fixed splits balanced over the levels (``dev`` shares no prompt wit
 ``validation``). Records are dicts with ``prompt``,
 ``answer`` (string), ``difficulty`` (level, 1 = easiest) and ``value`` (the integer).
 
-:func:`arithmetic_score` is the exact verifier (1.0 / 0.0); it never raises.
+:func:`arithmetic_score` is the exact verifier (1.0 / 0.0); it never raises. Importing
+this module registers it as the reward ``arithmetic``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from qae.rewards import register_reward
 from qae.tasks.splits import SplitSpec, balanced
 
 __all__ = [
@@ -242,6 +244,7 @@ def digits_match(answer: str | None, ground_truth: Any) -> float:
         return 0.0
 
 
+@register_reward("arithmetic", isolated=False)  # exact: microseconds an item, in-process
 def arithmetic_score(response: Any, ground_truth: Any, **_: Any) -> float:
     """Exact verifier: 1.0 when ``response`` is the answer ``ground_truth``, else 0.0.
 

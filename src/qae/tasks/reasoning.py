@@ -38,6 +38,9 @@ splits (balanced over the levels, disjoint); :func:`iter_train` is an unbounded 
 stream that never yields one of their prompts. Records are dicts with ``prompt``,
 ``answer`` (the final value, least-significant digit first), ``difficulty`` (level,
 1 = easiest), ``operands`` and ``value`` (the integer).
+
+:func:`reasoning_score` is the exact verifier; importing this module registers it as the
+reward ``reasoning``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from qae.rewards import register_reward
 from qae.tasks.arithmetic import Level, cut_at_end, digits_match, format_answer
 from qae.tasks.splits import SplitSpec, balanced
 
@@ -378,6 +382,7 @@ def _final_answer(response: str) -> str | None:
     return text[at + len(ANSWER_PREFIX) :].strip()
 
 
+@register_reward("reasoning", isolated=False)  # exact: microseconds an item, in-process
 def reasoning_score(response: Any, ground_truth: Any, **_: Any) -> float:
     """Exact verifier: 1.0 when the text after the response's last ``Answer:`` is the
     answer ``ground_truth`` (digits least-significant first), else 0.0.

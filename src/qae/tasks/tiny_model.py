@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from qae.eval.sampling import generate_texts, generation_mode, score_responses
 from qae.io.atomic import atomic_write_json
 from qae.tasks.arithmetic import (
     ALPHABET,
@@ -255,7 +256,6 @@ def _encode_batch(tokenizer: Any, records: Sequence[dict]) -> tuple[torch.Tensor
     return ids, mask, labels
 
 
-@torch.no_grad()
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -266,44 +266,32 @@ def generate_answers(
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 512,
 ) -> list[list[str]]:
-    """Decode ``samples`` responses per prompt (greedy when ``temperature`` is 0).
+    """Decode ``samples`` responses per prompt (greedy when ``temperature`` is 0), through
+    the sampling path of the evaluation (:func:`qae.eval.sampling.generate_texts`).
 
     Returns one list of ``samples`` response strings per prompt, special tokens removed.
     Seed torch beforehand for reproducible sampling.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    if temperature <= 0 and samples != 1:
+        raise ValueError(f"greedy decoding takes samples=1, got samples={samples}")
+    if prompts and tokenizer.padding_side != "left":
+        raise ValueError("generate_answers needs tokenizer.padding_side='left'")
     out: list[list[str]] = []
     per_call = max(1, batch_size // samples)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        num_return_sequences=samples,
-    )
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    else:
-        if samples != 1:
-            raise ValueError(f"greedy decoding takes samples=1, got samples={samples}")
-        kwargs.update(do_sample=False)
-    try:
+    with generation_mode(model, tokenizer):
         for start in range(0, len(prompts), per_call):
             chunk = list(prompts[start : start + per_call])
-            enc = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt").to(
-                device
-            )
-            if tokenizer.padding_side != "left":
-                raise ValueError("generate_answers needs tokenizer.padding_side='left'")
-            gen = model.generate(**enc, **kwargs)  # [n * samples, width + new]
-            texts = tokenizer.batch_decode(
-                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            texts = generate_texts(
+                model,
+                tokenizer,
+                chunk,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                samples=samples,
+                add_special_tokens=False,
             )
             for i in range(len(chunk)):
                 out.append(texts[i * samples : (i + 1) * samples])
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -334,10 +322,8 @@ def pass_at_1(
         samples=samples,
         max_new_tokens=max_new_tokens,
     )
-    per_record = [
-        sum(score(x, r["answer"]) for x in resp) / len(resp)
-        for r, resp in zip(records, responses, strict=True)
-    ]
+    scores = score_responses(score, responses, [r["answer"] for r in records], workers=0)
+    per_record = [sum(s) / len(s) for s in scores]
     return summarize_scores(records, per_record)
 
 
