@@ -17,7 +17,7 @@ Settings (one generation round of each preset, temperature 1):
 Each backend is timed ``--repeats`` times, interleaved, with the same seed per repeat;
 the table gives the median, the tokens generated, and the median ratio hf / sampler.
 
-``--vllm`` adds the ``vllm`` backend (:class:`qae.vllm_rollout.VLLMRollout`, float32, no
+``--vllm`` adds the ``vllm`` backend (:class:`qae.train.vllm_rollout.VLLMRollout`, float32, no
 ``torch.compile``, a 0.25 GiB KV cache) where vLLM's CPU build is installed: one engine per
 setting, started before the timed rounds (its start-up time is printed apart), and the
 ratio hf / vllm. A setting whose model the engine refuses (the arithmetic model's head dim
@@ -56,7 +56,7 @@ def _setting(task_name: str, prompts: int):
 
 def _vllm_engine(name: str, tokenizer):
     """A vLLM engine (CPU build) on the setting's shipped model, or why there is none."""
-    from qae.vllm_rollout import VLLMRollout
+    from qae.train.vllm_rollout import VLLMRollout
 
     path = str(builtin_task(f"builtin:{name}").model_path())
     t0 = time.perf_counter()

@@ -206,7 +206,7 @@ def regime_table(root: Path, names: Sequence[str] | None, window: int) -> str:
     over the updating steps, training accuracy over the first and last ``window`` steps,
     and the sampling entropy of the last ``window`` steps and its largest ``window``-step
     mean, both relative to the first ``window`` steps (2x is the explosion threshold of
-    :func:`qae.diagnostics.entropy_verdict`, which compares with the first step)."""
+    :func:`qae.core.diagnostics.entropy_verdict`, which compares with the first step)."""
     head = [
         "configuration", "seeds", "clipfrac low", "clipfrac high", "approx KL",
         f"train accuracy first {window}", f"train accuracy last {window}",

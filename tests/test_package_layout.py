@@ -205,11 +205,11 @@ def test_every_map_entry_names_a_section_or_a_library():
 def test_the_map_keeps_the_layering():
     # What an edit of the map may not relax: the math and the run I/O stand alone, the
     # math never loads transformers, rewards know no task, nothing imports the command
-    # line, and the sections (cli.py aside) import in no circle.
+    # line but ``python -m qae``, and the sections (cli.py aside) import in no circle.
     assert not SECTIONS["core/"].imports and "transformers" in SECTIONS["core/"].never
     assert not SECTIONS["io/"].imports
     assert not {"tasks/", "train/", "eval/"} & SECTIONS["rewards/"].imports
-    assert all("cli.py" not in s.imports for s in SECTIONS.values())
+    assert all("cli.py" not in s.imports for n, s in SECTIONS.items() if n != "__main__.py")
     graph = {n: sorted(s.imports) for n, s in SECTIONS.items() if not s.anything}
     done: set[str] = set()
 
@@ -269,7 +269,9 @@ def test_every_name_of_the_api_reference_imports_from_its_documented_place(modul
     assert not missing, f"{API.name}: {module} has no {', '.join(missing)}"
 
 
-_DOTTED = re.compile(r"(?<![\w.+/-])qae(?:\.[A-Za-z_]\w*)+")
+# A dotted name followed by "=" is a command-line key (``qae.k=0.4`` of the SkyRL
+# launcher), not a module path.
+_DOTTED = re.compile(r"(?<![\w.+/-])qae(?:\.[A-Za-z_]\w*)+(?![\w=])")
 
 
 def _resolves(dotted: str) -> bool:

@@ -22,15 +22,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qae import vllm_rollout
-from qae.config import RolloutConfig, TrainConfig, load_preset
-from qae.configtools import apply_overrides
-from qae.rollout import generate_batch
+from qae.io.configtools import apply_overrides
 from qae.tasks import make_split, tiny_model_path
 from qae.tasks.builtin import builtin_task
 from qae.tasks.tiny_model import MAX_NEW_TOKENS
-from qae.trainer import load_policy, train
-from qae.vllm_rollout import (
+from qae.train import vllm_rollout
+from qae.train.config import RolloutConfig, TrainConfig, load_preset
+from qae.train.rollout import generate_batch
+from qae.train.trainer import load_policy, train
+from qae.train.vllm_rollout import (
     VLLMRollout,
     batch_from_token_outputs,
     named_weights,

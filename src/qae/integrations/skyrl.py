@@ -58,7 +58,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from qae.advantages import (
+from qae.core.advantages import (
     QUANTILE_METHODS,
     SCALES,
     SINGLETON_MODES,
@@ -67,7 +67,7 @@ from qae.advantages import (
     compute_advantages,
     estimators,
 )
-from qae.atomic import atomic_write_json
+from qae.io.atomic import atomic_write_json
 from qae.kcontrol import KControlConfig, KController, make_controller
 
 __all__ = [
