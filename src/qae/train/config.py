@@ -352,9 +352,11 @@ class TrainerConfig:
     """Seed of every random number generator."""
 
     threads: int = 1
-    """CPU threads for torch; 0 = torch's default (one per core). One thread is the
-    fastest for the built-in models, alone and beside other jobs (more threads spin when
-    cores are shared); raise it for a larger model trained on a CPU."""
+    """CPU threads for torch; 0 = torch's default (one per core). One thread keeps the
+    built-in models' runs fast beside other jobs (40 steps of the default: 2.7x slower
+    beside two busy 2-thread processes, against more than 6x for torch's default, whose
+    threads spin when cores are shared); alone, torch's default is faster (1.5x on 2
+    cores; ``benchmarks/bench_threads.py``). Raise it on a machine of your own."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
