@@ -344,6 +344,9 @@ def test_eval_rejects_k_above_n_before_loading_anything(monkeypatch, tmp_path, c
     assert main([*argv, "--limit", "-1"]) == 2  # --k defaults to 1 and min(16, n)
     err = capsys.readouterr().err.strip()
     assert err == "qae eval: error: --limit must be >= 0, got --limit -1"
+    assert main([*argv, "--threads", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "qae eval: error: --threads must be >= 0 (0 = auto), got --threads -2"
     assert not (tmp_path / "o").exists()
 
 

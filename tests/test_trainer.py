@@ -60,6 +60,7 @@ def test_train_writes_metrics_and_changes_parameters(tmp_path):
         assert key in rows[1], key
     assert rows[1]["adv/k"] == 0.4
     assert 0 <= rows[1]["adv/frac_zero_adv"] <= 1
+    assert {r["perf/threads"] for r in rows[1:]} == {float(cfg.trainer.threads)}
     final, _ = load_policy(
         str(result.run_dir / "checkpoints" / "step_000004" / "model"), torch.device("cpu")
     )

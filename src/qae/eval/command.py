@@ -86,6 +86,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got --limit {args.limit}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = auto), got --threads {args.threads}")
     _check_args(args.n, args.k, args.temperature, args.top_p, args.batch_size)
 
 
@@ -151,6 +153,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         timeout=args.timeout,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     print(format_table(summary))
     print(f"samples: {Path(args.out) / SAMPLES_FILE}\nsummary: {Path(args.out) / SUMMARY_FILE}")
@@ -226,6 +229,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="scoring processes (0: in-process)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per score")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch; 0 = auto: one per core while the machine is quiet, "
+        "fewer while other processes keep the cores busy",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

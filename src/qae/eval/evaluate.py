@@ -25,6 +25,7 @@ from qae.eval.metrics import summarize
 from qae.eval.prompts import build_prompt, prompt_templates
 from qae.eval.sampling import generate_texts, generation_mode, score_responses
 from qae.io.atomic import atomic_write_json
+from qae.io.threads import ThreadPolicy
 from qae.rewards import DEFAULT_TIMEOUT, extract_answer, get_reward
 
 __all__ = ["CONFIG_FILE", "SAMPLES_FILE", "SUMMARY_FILE", "evaluate"]
@@ -168,6 +169,7 @@ def evaluate(
     workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` responses per record, score them and summarise pass@k / mean@n / maj@n.
 
@@ -190,6 +192,9 @@ def evaluate(
             chat messages.
         workers, timeout: passed to :func:`qae.rewards.score_batch`.
         progress: show a tqdm bar over samples.
+        threads: torch CPU threads: None leaves torch's setting alone, 0 picks them from
+            the machine's load before every ``generate`` call, N > 0 fixes them
+            (:class:`qae.io.threads.ThreadPolicy`).
 
     Returns:
         ``{"benchmarks": {source: metrics}, "config": {...}}`` (see :func:`summarize`).
@@ -218,9 +223,12 @@ def evaluate(
     buffers: dict[int, dict[int, str]] = defaultdict(dict)
     sink = (out / SAMPLES_FILE).open("a", encoding="utf-8") if out is not None else None
     bar = tqdm(total=len(jobs), desc="eval", unit="sample", disable=not progress)
+    policy = ThreadPolicy(threads) if threads is not None else None
     try:
         with generation_mode(model, tokenizer):
             for start in range(0, len(jobs), batch_size):
+                if policy is not None:
+                    policy.update()
                 batch = jobs[start : start + batch_size]
                 for i, _ in batch:
                     if i not in prompts:

@@ -351,12 +351,14 @@ class TrainerConfig:
     seed: int = 0
     """Seed of every random number generator."""
 
-    threads: int = 1
-    """CPU threads for torch; 0 = torch's default (one per core). One thread keeps the
-    built-in models' runs fast beside other jobs (40 steps of the default: 2.7x slower
-    beside two busy 2-thread processes, against more than 6x for torch's default, whose
-    threads spin when cores are shared); alone, torch's default is faster (1.5x on 2
-    cores; ``benchmarks/bench_threads.py``). Raise it on a machine of your own."""
+    threads: int = 0
+    """CPU threads for torch; 0 = auto: one per usable core while the machine is quiet,
+    fewer while other processes keep the cores busy, re-measured every few seconds
+    (``qae.io.threads``; the count in force is logged as ``perf/threads``). Torch's own
+    thread pool spins while it waits, so a fixed one-per-core count slows down more than
+    6x beside other busy jobs on 2 cores (``benchmarks/bench_threads.py``). Set a fixed
+    count for bit-identical reruns: results can differ in the last bits between thread
+    counts."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)

@@ -46,6 +46,7 @@ from qae.io.errors import RunError, TrainingInterrupted, describe_os_error, resu
 from qae.io.resume import resume_checkpoint
 from qae.io.runlock import RunLock
 from qae.io.runlog import Checkpointer, MetricsLogger, remove_stale_temporaries
+from qae.io.threads import ThreadPolicy
 from qae.kcontrol import KController, make_controller
 from qae.train.config import TrainConfig
 from qae.train.filters import keep_informative_groups, mask_truncated, overlong_penalty, take_groups
@@ -606,8 +607,7 @@ def _train_locked(
     follows the last step logged and the last checkpoint written."""
     ckpt = Checkpointer(run_dir, cfg.log.keep_last)
     _check_run_dir(run_dir, ckpt, resume)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads = ThreadPolicy(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
     device = resolve_device(cfg.model.device)
 
@@ -660,6 +660,7 @@ def _train_locked(
             if val_before:
                 logger.log(0, val_before)
         for step in range(start + 1, cfg.trainer.steps + 1):
+            n_threads = threads.update()
             last = train_step(
                 step,
                 model,
@@ -676,6 +677,7 @@ def _train_locked(
                 run_dir,
                 engine=engine,
             )
+            last["perf/threads"] = float(n_threads)
             e = cfg.eval
             if e.every and step % e.every == 0 and step != cfg.trainer.steps:
                 last.update(validate(model, tokenizer, data, cfg))
