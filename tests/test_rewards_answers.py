@@ -274,6 +274,59 @@ def test_each_distinct_answer_is_scored_once() -> None:
     assert fn.calls == 3  # "4", "5", "6"
 
 
+class _QuickCounting(_Counting):
+    """Decides equal texts without the expensive part; raises on "boom"; None otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quick = 0
+
+    def score_quick(self, key: tuple[str, str]) -> float | None:
+        self.quick += 1
+        if key[1] == "boom":
+            raise RuntimeError("quick path failed")
+        return 1.0 if key[0] == key[1] else None
+
+
+def test_keys_decided_quickly_skip_the_expensive_part() -> None:
+    fn = _QuickCounting()
+    responses = ["4", "5", " 4", "boom", "6", "5"] * 2
+    scores = score_batch(fn, responses, [4] * len(responses), workers=0)
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0] * 2
+    assert fn.quick == 4  # each distinct key once: "4", "5", "boom", "6"
+    assert fn.calls == 3  # "5", "boom" (its quick path raised) and "6"; "4" never
+
+
+def test_math_quick_path_gives_math_verify_verdict() -> None:
+    from math_verify import parse, verify
+
+    from qae.rewards.math import quick_score, score_key
+
+    keys = [
+        ("12", ("12",)),
+        ("12", ("012",)),
+        ("\\frac{1}{2}", ("0.5",)),
+        ("\\frac{1}{2}", ("0.75",)),
+        ("3\\sqrt{2}", ("4.2426406871",)),
+        ("(1, 2)", ("(1, 3)",)),
+        ("x^2+1", ("x^2+1",)),
+        ("x^2+1", ("1+x^2",)),
+        ("", ("3",)),
+        ("3", ()),
+    ]
+    decided = 0
+    for key in keys:
+        quick = quick_score(key)
+        if quick is not None:
+            decided += 1
+            if key[0] and key[1]:
+                plain = verify(parse(f"${key[0]}$"), parse(f"${key[1][0]}$"))
+                assert quick == float(plain), key
+    assert decided >= 6
+    assert quick_score(("x^2+1", ("1+x^2",))) is None  # needs the parser
+    assert score_key(("x^2+1", ("1+x^2",))) == 1.0
+
+
 def test_score_report_counts_and_shows_an_example() -> None:
     def flaky(response: str, truth: object) -> float | None:
         if response == "raise":

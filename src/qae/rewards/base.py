@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +156,23 @@ def _run_in_process(fn: Callable[..., Any], items: list[tuple]) -> list[tuple[st
     return out
 
 
+def _decide_quickly(fn: RewardFn, keys: Iterable[Any]) -> dict[Any, tuple[str, Any]]:
+    """``{key: ("ok", score)}`` for the keys ``fn.score_quick`` decides; a key it cannot
+    decide (None) or that makes it raise is left to ``score_prepared``."""
+    quick = getattr(fn, "score_quick", None)
+    if not callable(quick):
+        return {}
+    decided = {}
+    for key in keys:
+        try:
+            value = quick(key)
+        except Exception:
+            continue
+        if value is not None:
+            decided[key] = ("ok", value)
+    return decided
+
+
 def score_report(
     reward: str | RewardFn,
     responses: Sequence[str],
@@ -169,7 +186,8 @@ def score_report(
     A function with ``prepare(response, ground_truth) -> key`` and ``score_prepared(key)``
     attributes (the built-in ``math`` reward) is scored once per distinct (hashable) key:
     ``prepare`` runs here (it must be cheap), ``score_prepared`` where ``fn`` itself would
-    run. An optional ``affinity(key)`` groups keys for the worker pool: keys of one group
+    run. An optional ``score_quick(key)`` (cheap and bounded) runs here first; a key it
+    decides (not None) never reaches a worker. An optional ``affinity(key)`` groups keys for the worker pool: keys of one group
     go to one worker when they can (the ``math`` reward groups by ground truth, so that
     each worker parses a ground truth once).
     """
@@ -186,11 +204,13 @@ def score_report(
         early = _run_in_process(prepare, pairs)
         keys = [value if status == "ok" else None for status, value in early]
         distinct = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k is not None))}
-        items = [(k,) for k in distinct]
+        decided = _decide_quickly(fn, distinct)
+        slow = [k for k in distinct if k not in decided]
+        items = [(k,) for k in slow]
         index = [distinct[k] if k is not None else -1 for k in keys]
         affinity = getattr(fn, "affinity", None)
         if callable(affinity):
-            groups = [affinity(k) for k in distinct]
+            groups = [affinity(k) for k in slow]
     use_pool = is_isolated(fn) if workers is None else workers > 0
     if not items:
         outcomes = []
@@ -198,6 +218,9 @@ def score_report(
         outcomes = shared_pool(workers).map(call, items, timeout=timeout, groups=groups)
     else:
         outcomes = _run_in_process(call, items)
+    if prepared is not None:  # back to one outcome per distinct key, in key order
+        slow_out = dict(zip(slow, outcomes, strict=True))
+        outcomes = [decided[k] if k in decided else slow_out[k] for k in distinct]
     report = ScoreReport([])
     for i, j in enumerate(index):
         status, value = early[i] if j < 0 else outcomes[j]

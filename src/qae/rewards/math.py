@@ -122,16 +122,11 @@ def score_key(key: MathKey) -> float:
     decided without math-verify's parser or sympy's simplification, with the verdict
     math-verify would give. No time bound of its own.
     """
+    quick = quick_score(key)
+    if quick is not None:
+        return quick
     gold_text, candidates = key
     candidates = tuple(c for c in candidates if c and len(c) <= MAX_ANSWER_CHARS)
-    if not gold_text or not candidates:
-        return 0.0
-    if candidates[0] == gold_text:
-        return 1.0
-    if _INTEGER.fullmatch(gold_text) and _INTEGER.fullmatch(candidates[0]):
-        return float(int(gold_text) == int(candidates[0]))
-    if _clearly_different(gold_text, candidates[0]):
-        return 0.0
     gold = list(_parse(gold_text))
     if not gold:
         return 0.0
@@ -143,6 +138,25 @@ def score_key(key: MathKey) -> float:
         if target and textual is None:
             textual = target
     return 1.0 if textual and _verify(gold, textual) else 0.0
+
+
+def quick_score(key: MathKey) -> float | None:
+    """The score of a key when it needs neither math-verify's parser nor sympy, else None:
+    no ground truth or no candidate (0.0), the first candidate's text equal to the ground
+    truth's (1.0), two integers, or two simple numbers (or lists of them) whose values
+    clearly differ (0.0). String work on texts of at most ``MAX_ANSWER_CHARS``, bounded in
+    time, so :func:`qae.rewards.score_batch` runs it before sending a key to a worker."""
+    gold_text, candidates = key
+    candidates = tuple(c for c in candidates if c and len(c) <= MAX_ANSWER_CHARS)
+    if not gold_text or not candidates:
+        return 0.0
+    if candidates[0] == gold_text:
+        return 1.0
+    if _INTEGER.fullmatch(gold_text) and _INTEGER.fullmatch(candidates[0]):
+        return float(int(gold_text) == int(candidates[0]))
+    if _clearly_different(gold_text, candidates[0]):
+        return 0.0
+    return None
 
 
 def _clearly_different(gold_text: str, answer: str) -> bool:
@@ -231,7 +245,7 @@ class MathReward:
         timeout: seconds allowed for one response (one distinct answer in a batch).
 
     Besides ``__call__`` it offers what :func:`qae.rewards.score_batch` uses to score each
-    distinct answer once (``prepare``, ``score_prepared``, ``affinity``) and ``extract``
+    distinct answer once (``prepare``, ``score_quick``, ``score_prepared``, ``affinity``) and ``extract``
     (the answer as text, for majority voting).
     """
 
@@ -257,6 +271,10 @@ class MathReward:
         """
         with time_limit(self.timeout):
             return score_key(key)
+
+    def score_quick(self, key: MathKey) -> float | None:
+        """The score of a key that needs no parser (:func:`quick_score`), else None."""
+        return quick_score(key)
 
     def affinity(self, key: MathKey) -> str:
         """Keys of one ground truth go to one worker, which parses it once."""
