@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a policy with RLVR. With no arguments: QAE (K=0.4) in DAPO's "
         "regime scaled to a CPU (4 off-policy mini-batch updates per rollout batch, "
         "Clip-Higher, token-mean, dynamic sampling, overlong penalty) on the built-in "
-        "reasoning task and its shipped policy, 300 steps in about 7 minutes on 2 CPU "
+        "reasoning task and its shipped policy, 300 steps in about 5 minutes on 2 CPU "
         "cores; --config arithmetic is the one-minute arithmetic task. Every config field "
         f"is a flag; --config loads a preset ({', '.join(preset_names())}) or a YAML file "
         "first.",
