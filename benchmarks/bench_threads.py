@@ -48,8 +48,9 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SP
 
 
 def _train(steps: int, threads: str, timeout: float) -> float | None:
-    """Time ``qae train`` with ``threads`` = ``N`` (``--trainer.threads N``) or ``N:VAR=VALUE``
-    (the same with an environment variable set for the run only, e.g. ``2:OMP_WAIT_POLICY=PASSIVE``)."""
+    """Time ``qae train`` with ``threads`` = ``N`` (``--trainer.threads N``) or
+    ``N:VAR=VALUE`` (the same with an environment variable set for the run only, e.g.
+    ``2:OMP_WAIT_POLICY=PASSIVE``)."""
     out = tempfile.mkdtemp(prefix="bench_threads_")
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
     count, _, extra = threads.partition(":")
@@ -71,13 +72,16 @@ def _train(steps: int, threads: str, timeout: float) -> float | None:
 
 
 def _cell(
-    steps: int, threads: str, load: int, load_threads: int, timeout: float, own_session: bool = False
+    steps: int,
+    threads: str,
+    load: int,
+    load_threads: int,
+    timeout: float,
+    own_session: bool = False,
 ) -> float | None:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    procs = [
-        ctx.Process(target=_busy, args=(load_threads, stop, own_session)) for _ in range(load)
-    ]
+    procs = [ctx.Process(target=_busy, args=(load_threads, stop, own_session)) for _ in range(load)]
     for p in procs:
         p.start()
     if procs:
@@ -90,6 +94,10 @@ def _cell(
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def _fmt(seconds: float | None, timeout: float) -> str:
+    return f"{seconds:.1f}" if seconds is not None else f">{timeout:.0f}"
 
 
 def _autogroup() -> str:
@@ -139,14 +147,10 @@ def main() -> None:
         own = args.load_session == "own"
         loaded = _cell(args.steps, t, args.load, args.load_threads, args.timeout, own)
 
-        def fmt(x: float | None) -> str:
-            if not args.alone and x is alone:
-                return "-"
-            return f"{x:.1f}" if x is not None else f">{args.timeout:.0f}"
-
         ratio = f"{loaded / alone:.2f}x" if alone and loaded else "-"
         label = t if t != "0" else "0 (auto)"
-        print(f"{label:>8} {fmt(alone):>10} {fmt(loaded):>11} {ratio:>13}", flush=True)
+        shown = _fmt(alone, args.timeout) if args.alone else "-"
+        print(f"{label:>8} {shown:>10} {_fmt(loaded, args.timeout):>11} {ratio:>13}", flush=True)
 
 
 if __name__ == "__main__":

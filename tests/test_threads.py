@@ -120,9 +120,7 @@ def test_auto_follows_the_load(monkeypatch):
 def test_fixed_count_is_never_measured():
     f = _Fake()
     calls = []
-    p = ThreadPolicy(
-        3, busy=lambda c: calls.append(c) or 0.0, apply=f.applied.append, cpus={0, 1}
-    )
+    p = ThreadPolicy(3, busy=lambda c: calls.append(c) or 0.0, apply=f.applied.append, cpus={0, 1})
     f.advance(10.0, own_cores=1.0, other_cores=2.0)
     assert p.update() == 3 and p.threads == 3 and f.applied == [3]
     assert calls == [] and not p.auto

@@ -187,9 +187,9 @@ def score_report(
     attributes (the built-in ``math`` reward) is scored once per distinct (hashable) key:
     ``prepare`` runs here (it must be cheap), ``score_prepared`` where ``fn`` itself would
     run. An optional ``score_quick(key)`` (cheap and bounded) runs here first; a key it
-    decides (not None) never reaches a worker. An optional ``affinity(key)`` groups keys for the worker pool: keys of one group
-    go to one worker when they can (the ``math`` reward groups by ground truth, so that
-    each worker parses a ground truth once).
+    decides (not None) never reaches a worker. An optional ``affinity(key)`` groups keys
+    for the worker pool: keys of one group go to one worker when they can (the ``math``
+    reward groups by ground truth, so that each worker parses a ground truth once).
     """
     fn = get_reward(reward)
     _check_args(responses, ground_truths, workers, timeout)

@@ -245,8 +245,8 @@ class MathReward:
         timeout: seconds allowed for one response (one distinct answer in a batch).
 
     Besides ``__call__`` it offers what :func:`qae.rewards.score_batch` uses to score each
-    distinct answer once (``prepare``, ``score_quick``, ``score_prepared``, ``affinity``) and ``extract``
-    (the answer as text, for majority voting).
+    distinct answer once (``prepare``, ``score_quick``, ``score_prepared``, ``affinity``)
+    and ``extract`` (the answer as text, for majority voting).
     """
 
     fallback: str = "last_math"
