@@ -297,6 +297,16 @@ def test_keys_decided_quickly_skip_the_expensive_part() -> None:
     assert fn.calls == 3  # "5", "boom" (its quick path raised) and "6"; "4" never
 
 
+def test_registered_math_rewards_take_the_quick_path() -> None:
+    from qae.rewards import get_reward
+
+    for name in ("math", "math_anchored"):
+        fn = get_reward(name)
+        assert callable(getattr(fn, "score_quick", None)), name
+        assert fn.score_quick(("12", ("12",))) == 1.0
+        assert fn.score_quick(("x^2+1", ("1+x^2",))) is None
+
+
 def test_math_quick_path_gives_math_verify_verdict() -> None:
     from math_verify import parse, verify
 

@@ -8,29 +8,39 @@ busy 2-thread processes on 2 cores). One thread degrades gracefully under load b
 cores idle on a quiet machine.
 
 :class:`ThreadPolicy` with ``requested=0`` ("auto") therefore measures, every few seconds,
-how much CPU time *other* processes took on the cores this process may use (Linux:
-``/proc/stat`` minus this process's own CPU time) and sets ``torch.set_num_threads`` to the
-cores the others leave free, at least one::
+how much CPU time *other* processes took on the CPUs this process may use, and keeps as
+many threads as they leave free, at least one::
 
-    threads = clamp(round(cpus - busy_elsewhere), 1, cap)
+    free = cpus - busy_elsewhere            (in CPUs, averaged over the window)
+    threads = clamp(floor(free + 0.5), 1, cap), changed only when |free - threads| >= 0.75
 
-``cpus`` is the number of CPUs in this process's affinity mask, ``cap`` the same or
-``OMP_NUM_THREADS`` where that is set lower. Alone that is every core; beside processes
-that keep the cores busy it is one thread.
-Where ``/proc/stat`` does not exist it stays at one thread per usable core. A positive
-``requested`` is fixed and never re-measured. CPU quotas of a container (cgroup
-``cpu.max``) are not read: the policy sees cores, not quotas.
+- ``busy_elsewhere`` (Linux): the non-idle time of the usable CPUs in ``/proc/stat``
+  (user, system, irq, softirq, steal), minus this process's own CPU time and its live
+  children's (a reward worker pool is part of the run, not a competitor). Time of niced
+  processes (``nice`` > 0) is not counted: the scheduler gives way to us over them.
+  Steal time is counted: a hypervisor that takes the CPU away is load like any other.
+- ``cap``: the most threads ``auto`` uses: torch's own default (at most one per physical
+  core), the usable CPUs, a container's CPU quota (cgroup v2 ``cpu.max``) and
+  ``OMP_NUM_THREADS``, whichever is lowest.
+- The dead band keeps the count from flipping when the free share hovers near a half.
+
+Where ``/proc/stat`` cannot be read the count is ``cap``. A positive ``requested`` is
+fixed and never re-measured. The count can change the last bits of results (reductions
+split differently), so runs that must agree bit for bit fix it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-PROC_STAT = Path("/proc/stat")
+PROC = Path("/proc")
 TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+DEAD_BAND = 0.75
+"""How far (in CPUs) the free share must be from the current count before it changes."""
 
 
 def usable_cpus() -> set[int]:
@@ -40,58 +50,109 @@ def usable_cpus() -> set[int]:
     return set(range(os.cpu_count() or 1))
 
 
-def max_threads(cpus: set[int], env: dict[str, str] | None = None) -> int:
-    """The most threads ``auto`` uses: the usable CPUs, or ``OMP_NUM_THREADS`` if lower."""
+def cgroup_cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The CPUs a cgroup v2 quota allows (``quota / period``), or None without a quota."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return int(quota) / int(period) if quota != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def max_threads(
+    cpus: set[int],
+    env: Mapping[str, str] | None = None,
+    torch_default: int | None = None,
+    quota: float | None = None,
+) -> int:
+    """The most threads ``auto`` uses: the lowest of the usable CPUs, torch's default
+    thread count, the CPU quota (rounded up) and ``OMP_NUM_THREADS`` where those are set."""
     env = os.environ if env is None else env
-    cap = len(cpus) or 1
+    caps = [len(cpus) or 1]
+    if torch_default:
+        caps.append(torch_default)
+    if quota:
+        caps.append(max(1, math.ceil(quota)))
     try:
         omp = int(env.get("OMP_NUM_THREADS", "") or 0)
     except ValueError:
         omp = 0
-    return min(cap, omp) if omp > 0 else cap
+    if omp > 0:
+        caps.append(omp)
+    return min(caps)
 
 
-def read_busy_seconds(cpus: set[int], stat: Path = PROC_STAT) -> float | None:
-    """CPU-seconds spent not idle on ``cpus`` since boot, from ``/proc/stat``'s ``cpuN``
-    lines (user, nice, system, irq, softirq, steal; idle and iowait excluded), or None
-    where the file cannot be read."""
+def read_busy_ticks(cpus: set[int], stat: Path = PROC / "stat") -> dict[int, int] | None:
+    """Per usable CPU, the ticks spent since boot on work other than niced processes
+    (user, system, irq, softirq, steal; idle, iowait and nice excluded), from
+    ``/proc/stat``'s ``cpuN`` lines; None where the file cannot be read or lists none."""
     try:
         text = stat.read_text()
     except OSError:
         return None
-    busy = 0
-    seen = False
+    out: dict[int, int] = {}
     for line in text.splitlines():
         if not line.startswith("cpu") or line.startswith("cpu "):
             continue
         name, *fields = line.split()
         try:
             cpu = int(name[3:])
-            ticks = [int(f) for f in fields]
+            t = [int(f) for f in fields[:8]]
         except ValueError:
             continue
-        if cpu not in cpus or len(ticks) < 4:
+        if cpu in cpus and len(t) >= 4:
+            t += [0] * (8 - len(t))
+            user, _nice, system, _idle, _iowait, irq, softirq, steal = t
+            out[cpu] = user + system + irq + softirq + steal  # guest is inside user
+    return out or None
+
+
+def _children_ticks(pid: int) -> int:
+    """utime + stime of the live children of ``pid`` (and theirs), from ``/proc``."""
+    total = 0
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
             continue
-        seen = True
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-        busy += sum(ticks[:8]) - idle  # guest time is already inside user
-    return busy / TICKS_PER_S if seen else None
+        for kid in kids:
+            try:
+                fields = (PROC / kid / "stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12]) + _children_ticks(int(kid))
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
 
 
 def own_cpu_seconds() -> float:
-    """CPU-seconds this process (every thread) has used."""
+    """CPU-seconds this process (every thread), its reaped children and its live
+    children (``/proc``, where it exists) have used."""
     t = os.times()
-    return t.user + t.system
+    return (
+        t.user
+        + t.system
+        + t.children_user
+        + t.children_system
+        + (_children_ticks(os.getpid()) / TICKS_PER_S)
+    )
 
 
-def choose_threads(cpus: int, busy_elsewhere: float, cap: int | None = None) -> int:
-    """Threads for ``cpus`` usable CPUs when other processes keep ``busy_elsewhere`` of
-    them busy (in CPUs, a time average): the free CPUs, rounded, at least 1 and at most
-    ``cap`` (default ``cpus``)."""
+def choose_threads(
+    cpus: int, busy_elsewhere: float, current: int, cap: int, dead_band: float = DEAD_BAND
+) -> int:
+    """The thread count for ``cpus`` usable CPUs when other processes keep
+    ``busy_elsewhere`` of them busy: the free CPUs rounded half up, within [1, ``cap``],
+    or ``current`` while the free share is within ``dead_band`` of it."""
     if cpus < 1:
         raise ValueError(f"cpus must be >= 1, got {cpus}")
-    cap = cpus if cap is None else cap
-    return max(1, min(cap, round(cpus - max(0.0, busy_elsewhere))))
+    free = cpus - max(0.0, busy_elsewhere)
+    if abs(free - current) < dead_band:
+        return current
+    return max(1, min(cap, math.floor(free + 0.5)))
 
 
 class ThreadPolicy:
@@ -101,7 +162,7 @@ class ThreadPolicy:
     shortest time between two measurements (shorter windows are noisy). Call
     :meth:`update` often (once per training step); it measures only when enough time has
     passed and calls ``torch.set_num_threads`` only when the count changes. ``threads``
-    is the count in force.
+    is the count in force, ``busy_elsewhere`` the last measurement (CPUs).
     """
 
     def __init__(
@@ -110,19 +171,24 @@ class ThreadPolicy:
         *,
         check_every_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
-        busy: Callable[[set[int]], float | None] = read_busy_seconds,
+        busy: Callable[[set[int]], dict[int, int] | None] = read_busy_ticks,
         own: Callable[[], float] = own_cpu_seconds,
         apply: Callable[[int], None] | None = None,
         cpus: set[int] | None = None,
+        cap: int | None = None,
     ) -> None:
         if requested < 0:
             raise ValueError(f"threads must be >= 0 (0 = auto), got {requested}")
+        if check_every_s <= 0:
+            raise ValueError(f"check_every_s must be > 0, got {check_every_s}")
         self.requested = requested
         self.check_every_s = check_every_s
         self._clock, self._busy, self._own = clock, busy, own
         self._apply = apply or _torch_set_num_threads
         self.cpus = cpus if cpus is not None else usable_cpus()
-        self.cap = max_threads(self.cpus)
+        if cap is None:
+            cap = max_threads(self.cpus, torch_default=TORCH_DEFAULT, quota=cgroup_cpu_quota())
+        self.cap = cap
         self.threads = requested or self.cap
         self.busy_elsewhere: float | None = None
         self._apply(self.threads)
@@ -132,33 +198,52 @@ class ThreadPolicy:
     def auto(self) -> bool:
         return self.requested == 0
 
-    def _snapshot(self) -> tuple[float, float | None, float] | None:
+    def _snapshot(self) -> tuple[float, dict[int, int], float] | None:
         if not self.auto:
             return None
         busy = self._busy(self.cpus)
         return (self._clock(), busy, self._own()) if busy is not None else None
 
-    def update(self) -> int:
-        """Re-measure if due and set the thread count; returns the count in force."""
-        if self._last is None:
-            return self.threads
-        now = self._clock()
-        t0, busy0, own0 = self._last
-        if now - t0 < self.check_every_s:
-            return self.threads
-        snap = self._snapshot()
-        if snap is None:
-            self._last = None
-            return self.threads
-        _, busy1, own1 = snap
-        wall = now - t0
-        self.busy_elsewhere = max(0.0, ((busy1 or 0.0) - (busy0 or 0.0) - (own1 - own0)) / wall)
-        self._last = snap
-        threads = choose_threads(max(1, len(self.cpus)), self.busy_elsewhere, self.cap)
+    def _set(self, threads: int) -> None:
         if threads != self.threads:
             self.threads = threads
             self._apply(threads)
+
+    def update(self) -> int:
+        """Re-measure if due and set the thread count; returns the count in force."""
+        if not self.auto:
+            return self.threads
+        now = self._clock()
+        if self._last is not None and now - self._last[0] < self.check_every_s:
+            return self.threads
+        snap = self._snapshot()
+        if snap is None:  # /proc/stat unreadable (now or from the start): one per core
+            self._last = None
+            self._set(self.cap)
+            return self.threads
+        if self._last is None:
+            self._last = snap
+            return self.threads
+        (t0, busy0, own0), (t1, busy1, own1) = self._last, snap
+        common = busy0.keys() & busy1.keys()  # CPUs taken offline or back drop out
+        ticks = sum(max(0, busy1[c] - busy0[c]) for c in common)
+        wall = t1 - t0
+        self.busy_elsewhere = max(0.0, (ticks / TICKS_PER_S - (own1 - own0)) / wall)
+        self._last = snap
+        self._set(choose_threads(len(common) or 1, self.busy_elsewhere, self.threads, self.cap))
         return self.threads
+
+
+def _torch_default_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return torch.get_num_threads()
+
+
+TORCH_DEFAULT = _torch_default_threads()
+"""torch's thread count when this module was first imported (before any policy set it)."""
 
 
 def _torch_set_num_threads(n: int) -> None:

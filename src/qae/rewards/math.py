@@ -329,5 +329,6 @@ _DEFAULT = MathReward()
 # score_batch finds these on the registered function and scores each distinct answer once.
 math_score.prepare = _DEFAULT.prepare  # type: ignore[attr-defined]
 math_score.score_prepared = _DEFAULT.score_prepared  # type: ignore[attr-defined]
+math_score.score_quick = _DEFAULT.score_quick  # type: ignore[attr-defined]
 math_score.affinity = _DEFAULT.affinity  # type: ignore[attr-defined]
 math_score.extract = _DEFAULT.extract  # type: ignore[attr-defined]
