@@ -8,6 +8,7 @@ re-derived with one command:
     python scripts/testbed_tables.py attribution runs/reasoning-mean-vs-qae --lr 3e-4
     python scripts/testbed_tables.py evals runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
     python scripts/testbed_tables.py regime runs/reasoning-stability
+    python scripts/testbed_tables.py ksweep runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
 
 A run directory is ``ROOT/<configuration>/seed<s>``; only runs that reached their last
 planned step count. Spreads are the sample std over seeds.
@@ -248,11 +249,97 @@ def regime_table(root: Path, names: Sequence[str] | None, window: int) -> str:
     return _table(head, body)
 
 
+def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = st.fmean(rx), st.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / (vx * vy) ** 0.5 if vx and vy else float("nan")
+
+
+def _trend(ks: Sequence[float], ys: Sequence[float], perms: int = 20000) -> str:
+    """Spearman's rho of ``ys`` on ``ks`` over runs and its one-sided permutation p-value
+    (share of ``perms`` shuffles of ``ys`` with rho at least as large; seed 0)."""
+    import random
+
+    rho = _spearman(ks, ys)
+    if len(set(ks)) < 2 or rho != rho:
+        return "-"
+    rng, ys_ = random.Random(0), list(ys)
+    hits = 0
+    for _ in range(perms):
+        rng.shuffle(ys_)
+        hits += _spearman(ks, ys_) >= rho - 1e-12
+    return f"rho = {rho:+.2f}, p = {(hits + 1) / (perms + 1):.3f}"
+
+
+def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name: str) -> str:
+    """The K sweep: every run with a constant K (``kcontrol.kind: constant``, QAE) grouped
+    by K, with the sampling entropy averaged over all steps and over the last ``window``,
+    the zero-advantage fraction and, where ``<run>/<eval_name>/summary.json`` exists, its
+    pass@k; then Spearman's rho of each per-run quantity on K over all runs, with a
+    one-sided permutation p-value for "rises with K"."""
+    per_k: dict[float, dict[str, list[float]]] = {}
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for _name, runs in _finished_runs(root, names).items():
+        for run in runs:
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            if cfg["algo"]["estimator"] != "qae" or cfg["kcontrol"]["kind"] != "constant":
+                continue
+            k = float(cfg["kcontrol"]["k"])
+            rows = [r for r in _rows(run) if r["step"] > 0 and "rollout/entropy" in r]
+            last = rows[-1]["step"]
+            vals = {
+                "entropy, all steps": _mean(rows, "rollout/entropy"),
+                f"entropy, last {window}": _mean(
+                    [r for r in rows if r["step"] > last - window], "rollout/entropy"
+                ),
+                "zero-adv fraction": _mean(
+                    [r for r in rows if "adv/frac_zero_adv" in r], "adv/frac_zero_adv"
+                ),
+            }
+            path = run / eval_name / "summary.json"
+            if path.is_file():
+                metrics = next(iter(json.loads(path.read_text())["benchmarks"].values()))
+                vals.update({k_: float(v) for k_, v in metrics.items() if k_.startswith("pass@")})
+            for key, v in vals.items():
+                per_k.setdefault(k, {}).setdefault(key, []).append(v)
+                pairs.setdefault(key, []).append((k, v))
+    keys = list(pairs)
+    head = ["K", "runs", *keys]
+    body = [
+        [f"{k:g}", str(len(cols[keys[0]])), *(_ms(cols.get(c, [])) for c in keys)]
+        for k, cols in sorted(per_k.items())
+    ]
+    body.append(
+        ["trend over runs", str(len(pairs[keys[0]]))]
+        + [_trend([a for a, _ in pairs[c]], [b for _, b in pairs[c]]) for c in keys]
+    )
+    return _table(head, body)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "main": lambda a: main_table(Path(a.root), a.names, a.window),
     "attribution": lambda a: attribution_table(Path(a.root), a.names, a.lr),
     "evals": lambda a: evals_table(Path(a.root), a.names, a.eval_name),
     "regime": lambda a: regime_table(Path(a.root), a.names, a.window),
+    "ksweep": lambda a: ksweep_table(Path(a.root), a.names, a.window, a.eval_name),
 }
 
 
@@ -263,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--names", nargs="*", help="only these configurations")
     parser.add_argument("--window", type=int, default=50, help="steps averaged (main, regime)")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (attribution)")
-    parser.add_argument("--eval-name", default="eval", help="qae eval output folder (evals)")
+    parser.add_argument(
+        "--eval-name", default="eval", help="qae eval output folder (evals, ksweep)"
+    )
     args = parser.parse_args(argv)
     print(COMMANDS[args.command](args))
     return 0
