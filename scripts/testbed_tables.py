@@ -289,20 +289,28 @@ def _trend(ks: Sequence[float], ys: Sequence[float], perms: int = 20000) -> str:
     return f"rho = {rho:+.2f}, p = {(hits + 1) / (perms + 1):.3f}"
 
 
+MEAN_ROW = -1.0  # the K-sweep table's key for the mean baseline's row
+
+
 def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name: str) -> str:
     """The K sweep: every run with a constant K (``kcontrol.kind: constant``, QAE) grouped
-    by K, with the sampling entropy averaged over all steps and over the last ``window``,
-    the zero-advantage fraction and, where ``<run>/<eval_name>/summary.json`` exists, its
-    pass@k; then Spearman's rho of each per-run quantity on K over all runs, with a
+    by K, and the plain mean baseline (``grpo`` keeping every advantage) as a reference row:
+    the sampling entropy averaged over all steps and over the last ``window``, the
+    zero-advantage fraction and, where ``<run>/<eval_name>/summary.json`` exists, its
+    pass@k; then Spearman's rho of each per-run quantity on K over the QAE runs, with a
     one-sided permutation p-value for "rises with K"."""
     per_k: dict[float, dict[str, list[float]]] = {}
     pairs: dict[str, list[tuple[float, float]]] = {}
     for _name, runs in _finished_runs(root, names).items():
         for run in runs:
             cfg = yaml.safe_load((run / "config.yaml").read_text())
-            if cfg["algo"]["estimator"] != "qae" or cfg["kcontrol"]["kind"] != "constant":
+            plain = cfg["algo"]["estimator"] == "grpo" and cfg["algo"].get("keep", "all") == "all"
+            if plain:
+                k = MEAN_ROW  # the mean baseline: a reference row, not in the trend
+            elif cfg["algo"]["estimator"] == "qae" and cfg["kcontrol"]["kind"] == "constant":
+                k = float(cfg["kcontrol"]["k"])
+            else:
                 continue
-            k = float(cfg["kcontrol"]["k"])
             rows = [r for r in _rows(run) if r["step"] > 0 and "rollout/entropy" in r]
             last = rows[-1]["step"]
             vals = {
@@ -320,11 +328,16 @@ def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name
                 vals.update({k_: float(v) for k_, v in metrics.items() if k_.startswith("pass@")})
             for key, v in vals.items():
                 per_k.setdefault(k, {}).setdefault(key, []).append(v)
-                pairs.setdefault(key, []).append((k, v))
+                if k != MEAN_ROW:
+                    pairs.setdefault(key, []).append((k, v))
     keys = list(pairs)
     head = ["K", "runs", *keys]
     body = [
-        [f"{k:g}", str(len(cols[keys[0]])), *(_ms(cols.get(c, [])) for c in keys)]
+        [
+            f"{k:g}" if k != MEAN_ROW else "mean baseline",
+            str(len(cols[keys[0]])),
+            *(_ms(cols.get(c, [])) for c in keys),
+        ]
         for k, cols in sorted(per_k.items())
     ]
     body.append(
