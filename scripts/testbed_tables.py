@@ -298,7 +298,8 @@ def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name
     the sampling entropy averaged over all steps and over the last ``window``, the
     zero-advantage fraction and, where ``<run>/<eval_name>/summary.json`` exists, its
     pass@k; then Spearman's rho of each per-run quantity on K over the QAE runs, with a
-    one-sided permutation p-value for "rises with K"."""
+    one-sided permutation p-value for "rises with K", and Mann-Whitney's U of the QAE runs
+    over the mean baseline's with a one-sided permutation p-value for "QAE is higher"."""
     per_k: dict[float, dict[str, list[float]]] = {}
     pairs: dict[str, list[tuple[float, float]]] = {}
     for _name, runs in _finished_runs(root, names).items():
@@ -344,7 +345,32 @@ def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name
         ["trend over runs", str(len(pairs[keys[0]]))]
         + [_trend([a for a, _ in pairs[c]], [b for _, b in pairs[c]]) for c in keys]
     )
+    if MEAN_ROW in per_k:
+        mean_cols = per_k[MEAN_ROW]
+        body.append(
+            ["QAE (every K) above the mean baseline", str(len(pairs[keys[0]]))]
+            + [_above([b for _, b in pairs[c]], mean_cols.get(c, [])) for c in keys]
+        )
     return _table(head, body)
+
+
+def _above(xs: Sequence[float], ys: Sequence[float], perms: int = 20000) -> str:
+    """Mann-Whitney's U of ``xs`` over ``ys`` (pairs with x > y, ties half) out of all
+    pairs, and its one-sided permutation p-value (seed 0)."""
+    import random
+
+    if not xs or not ys:
+        return "-"
+
+    def u(a: Sequence[float], b: Sequence[float]) -> float:
+        return sum((x > y) + 0.5 * (x == y) for x in a for y in b)
+
+    got, pool, rng = u(xs, ys), [*xs, *ys], random.Random(0)
+    hits = 0
+    for _ in range(perms):
+        rng.shuffle(pool)
+        hits += u(pool[: len(xs)], pool[len(xs) :]) >= got - 1e-12
+    return f"U = {got:g}/{len(xs) * len(ys)}, p = {(hits + 1) / (perms + 1):.3f}"
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
