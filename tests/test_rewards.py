@@ -293,6 +293,49 @@ def _in_main_process(response: str, truth: object) -> float:
     return float(os.getpid() == MAIN_PID)
 
 
+_WARM: list[int] = []
+
+
+def _warm_first(response: str, truth: object) -> float:
+    """1.0 once its warm-up has run in this process, else 0.0."""
+    return float(bool(_WARM))
+
+
+def _slow_warmup() -> None:
+    time.sleep(1.5)  # longer than the items' time bound
+    _WARM.append(os.getpid())
+
+
+def _failing_warmup() -> None:
+    raise RuntimeError("warm-up failed")
+
+
+_warm_first.warmup = _slow_warmup  # type: ignore[attr-defined]
+_raise.warmup = _failing_warmup  # type: ignore[attr-defined]
+
+
+def test_warmup_runs_once_per_worker_outside_the_time_bound() -> None:
+    with ScoringPool(1) as pool:
+        out = pool.map(_warm_first, [("a", 1), ("b", 1)], timeout=0.5)
+        assert out == [("ok", 1.0), ("ok", 1.0)]
+        assert pool.stats["timeout"] == 0
+        # a failing warm-up is ignored: the calls themselves report what is wrong
+        out = pool.map(_raise, [("raise", 1), ("x", 1)], timeout=2.0)
+        assert [s for s, _ in out] == ["error", "ok"]
+    # in-process scoring warms up too, before the first item
+    _WARM.clear()
+    assert score_batch(_warm_first, ["a", "b"], [1, 1], workers=0, timeout=0.5) == [1.0, 1.0]
+    assert _WARM == [os.getpid()]
+
+
+def test_math_scoring_functions_carry_the_warmup() -> None:
+    from qae.rewards.math import MathReward, _score_key_bounded, warmup
+
+    assert _score_key_bounded.warmup is warmup
+    assert MathReward().score_prepared.warmup is warmup
+    assert get_reward("math").score_prepared.warmup is warmup
+
+
 def test_pool_kills_and_replaces_a_hung_worker() -> None:
     with ScoringPool(1) as pool:
         start = time.perf_counter()

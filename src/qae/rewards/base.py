@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qae.core.registry import Registry
-from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, shared_pool
+from qae.rewards.pool import DEFAULT_TIMEOUT, ScoreTimeout, shared_pool, warm_up
 
 __all__ = [
     "FailureStreak",
@@ -144,6 +144,8 @@ def _prepared(fn: RewardFn) -> tuple[Callable[..., Any], Callable[[Any], Any]] |
 def _run_in_process(fn: Callable[..., Any], items: list[tuple]) -> list[tuple[str, Any]]:
     """``(status, value)`` of ``fn(*args)`` for every tuple, as :meth:`ScoringPool.map` gives."""
     out: list[tuple[str, Any]] = []
+    if items:
+        warm_up(fn)  # one-time imports, outside the items' time bounds
     for args in items:
         try:
             out.append(("ok", fn(*args)))

@@ -103,6 +103,20 @@ def _parse(text: str) -> tuple:
     return tuple(parse(math_input(text), parsing_timeout=None))
 
 
+@lru_cache(maxsize=1)
+def warmup() -> None:
+    """Import math-verify (and sympy, its LaTeX grammar) and verify one pair, once per process.
+
+    About a second of CPU time, paid by the first answer a process scores: done here, outside
+    the time bound of that answer, it cannot time out a correct answer on a busy machine.
+    The scoring functions sent to worker processes carry it as their ``warmup``
+    (see :mod:`qae.rewards.pool`).
+    """
+    from math_verify import parse, verify
+
+    verify(parse("$\\frac{1}{2}$"), parse("$0.5$"))
+
+
 def _parse_gold(gold: str) -> tuple:
     """math-verify's reading of a ground truth text (see :func:`_parse`)."""
     return _parse(canonical(gold))
@@ -227,6 +241,7 @@ def answers_equivalent(answer: str | None, ground_truth: object) -> bool:
 def _score_key_bounded(key: MathKey, timeout: float) -> float:
     from math_verify.errors import TimeoutException  # a BaseException, not an Exception
 
+    warmup()
     try:
         with time_limit(timeout):
             return score_key(key)
@@ -269,8 +284,11 @@ class MathReward:
         Unlike :meth:`__call__` it raises what went wrong (:class:`ScoreTimeout` past the
         bound), so that :func:`qae.rewards.score_batch` counts it; the item scores 0.0.
         """
+        warmup()
         with time_limit(self.timeout):
             return score_key(key)
+
+    score_prepared.warmup = warmup  # type: ignore[attr-defined]
 
     def score_quick(self, key: MathKey) -> float | None:
         """The score of a key that needs no parser (:func:`quick_score`), else None."""
@@ -324,6 +342,8 @@ def math_score(
     result = bounded_call(_score_key_bounded, (key, timeout), timeout=timeout)
     return 0.0 if result is None else float(result)
 
+
+_score_key_bounded.warmup = warmup  # type: ignore[attr-defined]
 
 _DEFAULT = MathReward()
 # score_batch finds these on the registered function and scores each distinct answer once.

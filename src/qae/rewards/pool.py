@@ -10,6 +10,11 @@ Two layers, because neither alone is enough:
   ``timeout + grace`` seconds after it got its item. This bound holds whatever the worker is
   doing and whichever thread of the parent calls :meth:`ScoringPool.map`.
 
+A scoring function may carry a ``warmup`` attribute: a callable run once per worker when the
+function is loaded (under ``LOAD_TIMEOUT``, not an item's bound), for one-time costs such as
+importing a parser and compiling its grammar, so that the first item a fresh worker scores
+is not timed out for them on a busy machine (:func:`warm_up`).
+
 ``ScoreTimeout`` subclasses ``BaseException`` (as math-verify's ``TimeoutException`` does) so
 that the ``except Exception`` blocks inside scoring libraries do not swallow it.
 """
@@ -42,6 +47,7 @@ __all__ = [
     "default_workers",
     "shared_pool",
     "time_limit",
+    "warm_up",
 ]
 
 DEFAULT_TIMEOUT = 5.0
@@ -97,6 +103,17 @@ def time_limit(seconds: float | None) -> Iterator[None]:
                 signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
 
 
+def warm_up(fn: Callable[..., Any]) -> None:
+    """Run ``fn.warmup()`` if ``fn`` has one (a bound method finds its function's).
+
+    Its errors are ignored: the calls that follow raise them again, where they are counted.
+    """
+    warm = getattr(fn, "warmup", None)
+    if callable(warm):
+        with contextlib.suppress(Exception):
+            warm()
+
+
 # --------------------------------------------------------------------------------------
 # Worker side
 
@@ -123,6 +140,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
             _, key, payload = msg
             try:
                 fns[key] = pickle.loads(payload)
+                warm_up(fns[key])
                 conn.send(("loaded", key))
             except Exception as err:
                 conn.send(("load_error", key, f"{type(err).__name__}: {err}"))
