@@ -3,6 +3,8 @@
     python scripts/kcontrol_evidence.py lab                       # entropy lab, ~minutes
     python scripts/kcontrol_evidence.py trainer --runs /tmp/kc    # 9 qae train runs
     python scripts/kcontrol_evidence.py trainer-report --runs /tmp/kc
+    python scripts/kcontrol_evidence.py testbed-report \
+        --roots runs/reasoning-kcontrol runs/reasoning-mean-vs-qae   # the testbed figure
 
 ``lab`` runs :func:`qae.lab.kcontrol_sweep.kcontrol_sweep` on three difficulty mixes
 under the ``logit`` and ``pg`` update models, writes ``lab_<update>.json`` and the
@@ -221,6 +223,65 @@ def trainer_report(args: argparse.Namespace) -> int:
     return 0
 
 
+TESTBED_ARMS = {
+    "qae-cosine": ("cosine schedule 0.6 -> 0.4", "C2"),
+    "qae-entropy-band": ("entropy-band controller", "C3"),
+    "qae-sparsity": ("sparsity controller", "C1"),
+    "qae-k0.4": ("constant K = 0.4", "C0"),
+    "dapo-mean": ("mean baseline", "C7"),
+}
+
+
+def testbed_report(args: argparse.Namespace) -> int:
+    """Figure of the K-control grid on the reasoning testbed beside constant K and the mean
+    baseline: sampling entropy, K in use and held-out pass@1 per step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roots = [Path(r) for r in args.roots]
+    styles = ["-", "--", ":"]
+    with plt.rc_context({"font.size": 10, "legend.fontsize": 7, "axes.grid": True}):
+        fig, (ax_h, ax_k, ax_v) = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
+        for arm, (label, color) in TESTBED_ARMS.items():
+            root = next((r for r in roots if (r / arm).is_dir()), None)
+            if root is None:
+                print(f"{arm}: not found under {', '.join(map(str, roots))}; left out")
+                continue
+            for i, seed in enumerate(args.seeds):
+                path = root / arm / f"seed{seed}" / "metrics.jsonl"
+                if not path.is_file():
+                    continue
+                rows = read_metrics(path)
+                steps = [r for r in rows if r["step"] > 0 and "rollout/entropy" in r]
+                val = [r for r in rows if "val/pass@1" in r]
+                kw = {"color": color, "ls": styles[i % 3], "lw": 1.1}
+                x = [r["step"] for r in steps]
+                ax_h.plot(
+                    x,
+                    _ema([r["rollout/entropy"] for r in steps], 0.9),
+                    label=f"{label}, seed {seed}",
+                    **kw,
+                )
+                if arm != "dapo-mean":
+                    kx = [(r["step"], r["adv/k"]) for r in steps if "adv/k" in r]
+                    ax_k.plot([a for a, _ in kx], [b for _, b in kx], **kw)
+                ax_v.plot(
+                    [r["step"] for r in val], [r["val/pass@1"] for r in val], marker="o", ms=3, **kw
+                )
+        ax_h.set_title("Sampling entropy (nats per token, EMA 0.9)")
+        ax_k.set_title("K in use (QAE arms)")
+        ax_v.set_title("Held-out pass@1 (240 prompts x 8 samples, T = 1)")
+        ax_v.set_ylim(0.85, 1.0)
+        for ax in (ax_h, ax_k, ax_v):
+            ax.set_xlabel("training step")
+        ax_h.legend(loc="upper right", ncol=2)
+        _save_png(fig, Path(args.out) / "testbed_kcontrol.png", dpi=90)
+        plt.close(fig)
+    return 0
+
+
 def _save_png(fig, path: Path, dpi: int) -> None:
     """Save as a 128-colour palette PNG (noisy curves make full-colour PNGs large)."""
     import io
@@ -278,6 +339,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     rep.add_argument("--out", default=str(FIGURES))
     rep.set_defaults(func=trainer_report)
+    tb = sub.add_parser(
+        "testbed-report", help="figure of the K-control grid on the reasoning testbed"
+    )
+    tb.add_argument(
+        "--roots",
+        nargs="+",
+        required=True,
+        help="grid output directories holding the arms (the K-control grid's and the main "
+        "comparison's, for constant K = 0.4 and the mean baseline)",
+    )
+    tb.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    tb.add_argument("--out", default=str(FIGURES))
+    tb.set_defaults(func=testbed_report)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -9,9 +9,13 @@ re-derived with one command:
     python scripts/testbed_tables.py evals runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
     python scripts/testbed_tables.py regime runs/reasoning-stability
     python scripts/testbed_tables.py ksweep runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
+    python scripts/testbed_tables.py kcontrol runs/reasoning-kcontrol runs/reasoning-mean-vs-qae \
+        --names qae-cosine qae-entropy-band qae-sparsity qae-k0.4 dapo-mean \
+        --eval-name eval_t0.7_n32
 
 A run directory is ``ROOT/<configuration>/seed<s>``; only runs that reached their last
-planned step count. Spreads are the sample std over seeds.
+planned step count. Several roots may be given (their configurations are pooled) and
+``--seeds`` keeps only those seeds. Spreads are the sample std over seeds.
 """
 
 from __future__ import annotations
@@ -31,13 +35,25 @@ def _rows(run: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _finished_runs(root: Path, names: Sequence[str] | None) -> dict[str, list[Path]]:
-    """Configuration name -> its finished seed directories (sorted)."""
+SEEDS: set[int] | None = None  # --seeds: only these seeds, in every table
+
+
+def _finished_runs(
+    root: Path | Sequence[Path], names: Sequence[str] | None
+) -> dict[str, list[Path]]:
+    """Configuration name -> its finished seed directories (sorted), over one grid output
+    directory or several (a configuration found in two is read from the first)."""
+    roots = [root] if isinstance(root, Path) else list(root)
     out: dict[str, list[Path]] = {}
-    for cfg in sorted(p for p in root.iterdir() if p.is_dir()):
-        if names and cfg.name not in names:
-            continue
+    cfgs: dict[str, Path] = {}
+    for r in roots:
+        for cfg in sorted(p for p in r.iterdir() if p.is_dir()):
+            cfgs.setdefault(cfg.name, cfg)
+    order = [n for n in names if n in cfgs] if names else list(cfgs)  # --names' order
+    for cfg in (cfgs[n] for n in order):
         for run in sorted(cfg.glob("seed*")):
+            if SEEDS is not None and int(run.name[4:]) not in SEEDS:
+                continue
             if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
                 continue
             planned = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["steps"]
@@ -65,7 +81,7 @@ def _table(head: Sequence[str], body: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def main_table(root: Path, names: Sequence[str] | None, window: int) -> str:
+def main_table(root: Path | Sequence[Path], names: Sequence[str] | None, window: int) -> str:
     """Held-out pass@1/pass@k at the first, second and last validation, sampling entropy
     over the first and last ``window`` steps, zero-advantage fraction, clip fractions and
     approximate KL over the updating steps, response length and groups kept (last window).
@@ -124,7 +140,7 @@ def main_table(root: Path, names: Sequence[str] | None, window: int) -> str:
     return _table(head, body)
 
 
-def attribution_table(root: Path, names: Sequence[str] | None, lr: float) -> str:
+def attribution_table(root: Path | Sequence[Path], names: Sequence[str] | None, lr: float) -> str:
     """Per configuration: the covariance parts Cov(log pi, A) by advantage sign and group
     regime averaged over every updating step (and the fraction of steps each part was > 0,
     i.e. pushed entropy down), the sum over the run of the first-order predicted change
@@ -178,7 +194,7 @@ def attribution_table(root: Path, names: Sequence[str] | None, lr: float) -> str
     return _table(head, body)
 
 
-def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
+def evals_table(root: Path | Sequence[Path], names: Sequence[str] | None, eval_name: str) -> str:
     """Per configuration: the ``qae eval`` results written to ``<run>/<eval_name>/`` (its
     ``summary.json``, first benchmark), mean ± std over seeds of every pass@k, mean@n and
     maj@n it reports."""
@@ -202,7 +218,7 @@ def evals_table(root: Path, names: Sequence[str] | None, eval_name: str) -> str:
     return _table(head or ["configuration"], body)
 
 
-def regime_table(root: Path, names: Sequence[str] | None, window: int) -> str:
+def regime_table(root: Path | Sequence[Path], names: Sequence[str] | None, window: int) -> str:
     """Per configuration, what the update did: clip fractions and approximate KL averaged
     over the updating steps, training accuracy over the first and last ``window`` steps,
     and the sampling entropy of the last ``window`` steps and its largest ``window``-step
@@ -292,7 +308,9 @@ def _trend(ks: Sequence[float], ys: Sequence[float], perms: int = 20000) -> str:
 MEAN_ROW = -1.0  # the K-sweep table's key for the mean baseline's row
 
 
-def ksweep_table(root: Path, names: Sequence[str] | None, window: int, eval_name: str) -> str:
+def ksweep_table(
+    root: Path | Sequence[Path], names: Sequence[str] | None, window: int, eval_name: str
+) -> str:
     """The K sweep: every run with a constant K (``kcontrol.kind: constant``, QAE) grouped
     by K, and the plain mean baseline (``grpo`` keeping every advantage) as a reference row:
     the sampling entropy averaged over all steps and over the last ``window``, the
@@ -373,26 +391,103 @@ def _above(xs: Sequence[float], ys: Sequence[float], perms: int = 20000) -> str:
     return f"U = {got:g}/{len(xs) * len(ys)}, p = {(hits + 1) / (perms + 1):.3f}"
 
 
+def kcontrol_table(
+    root: Path | Sequence[Path], names: Sequence[str] | None, window: int, eval_name: str
+) -> str:
+    """K schedules and controllers beside constant K and the mean baseline: held-out pass@1
+    at the last validation, pass@k of ``<run>/<eval_name>/summary.json`` where it exists,
+    the sampling entropy over the first and last ``window`` steps, the K in use (smallest,
+    largest and last over the run, QAE only), the zero-advantage fraction and the
+    approximate KL per updating step."""
+    head = [
+        "configuration", "seeds", "held-out pass@1, last validation", "eval pass@1",
+        "eval pass@k", f"entropy steps 1-{window}", f"entropy last {window}",
+        "K min-max (last)", "zero-adv fraction", "approx KL",
+    ]  # fmt: skip
+    body = []
+    for name, runs in _finished_runs(root, names).items():
+        cols: dict[str, list[float]] = {}
+        kkey = "-"
+        for run in runs:
+            rows = _rows(run)
+            val = [r for r in rows if "val/pass@1" in r]
+            tr = [r for r in rows if r["step"] > 0 and "rollout/entropy" in r]
+            up = [r for r in tr if "train/approx_kl" in r]
+            last_step = tr[-1]["step"]
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            vals = {
+                "p": val[-1]["val/pass@1"] if val else float("nan"),
+                "e1": _mean(tr[:window], "rollout/entropy"),
+                "e2": _mean([r for r in tr if r["step"] > last_step - window], "rollout/entropy"),
+                "z": _mean(up, "adv/frac_zero_adv"),
+                "kl": _mean(up, "train/approx_kl"),
+            }
+            if cfg["algo"]["estimator"] == "qae":
+                ks = [r["adv/k"] for r in tr if "adv/k" in r]
+                vals.update({"kmin": min(ks), "kmax": max(ks), "klast": ks[-1]})
+            path = run / eval_name / "summary.json"
+            if path.is_file():
+                metrics = next(iter(json.loads(path.read_text())["benchmarks"].values()))
+                ks_ = sorted(
+                    (k for k in metrics if k.startswith("pass@")), key=lambda k: int(k[5:])
+                )
+                kkey = ks_[-1]
+                vals.update({"ep1": float(metrics["pass@1"]), "epk": float(metrics[kkey])})
+            for k, v in vals.items():
+                cols.setdefault(k, []).append(v)
+        krange = (
+            f"{min(cols['kmin']):.2f}-{max(cols['kmax']):.2f} "
+            f"({', '.join(f'{k:.2f}' for k in cols['klast'])})"
+            if "kmin" in cols
+            else "-"
+        )
+        body.append(
+            [
+                name,
+                ",".join(r.name[4:] for r in runs),
+                _ms(cols["p"]),
+                _ms(cols.get("ep1", [])),
+                f"{_ms(cols.get('epk', []))} ({kkey})",
+                _ms(cols["e1"]),
+                _ms(cols["e2"]),
+                krange,
+                _ms(cols["z"]),
+                _ms(cols["kl"], 4),
+            ]
+        )
+    return _table(head, body)
+
+
+def _roots(a: argparse.Namespace) -> list[Path]:
+    return [Path(r) for r in a.root]
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
-    "main": lambda a: main_table(Path(a.root), a.names, a.window),
-    "attribution": lambda a: attribution_table(Path(a.root), a.names, a.lr),
-    "evals": lambda a: evals_table(Path(a.root), a.names, a.eval_name),
-    "regime": lambda a: regime_table(Path(a.root), a.names, a.window),
-    "ksweep": lambda a: ksweep_table(Path(a.root), a.names, a.window, a.eval_name),
+    "main": lambda a: main_table(_roots(a), a.names, a.window),
+    "attribution": lambda a: attribution_table(_roots(a), a.names, a.lr),
+    "evals": lambda a: evals_table(_roots(a), a.names, a.eval_name),
+    "regime": lambda a: regime_table(_roots(a), a.names, a.window),
+    "ksweep": lambda a: ksweep_table(_roots(a), a.names, a.window, a.eval_name),
+    "kcontrol": lambda a: kcontrol_table(_roots(a), a.names, a.window, a.eval_name),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=list(COMMANDS))
-    parser.add_argument("root", help="grid output directory (ROOT/<configuration>/seed<s>)")
+    parser.add_argument(
+        "root", nargs="+", help="grid output directories (ROOT/<configuration>/seed<s>)"
+    )
     parser.add_argument("--names", nargs="*", help="only these configurations")
+    parser.add_argument("--seeds", type=int, nargs="*", help="only these seeds")
     parser.add_argument("--window", type=int, default=50, help="steps averaged (main, regime)")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (attribution)")
     parser.add_argument(
         "--eval-name", default="eval", help="qae eval output folder (evals, ksweep)"
     )
     args = parser.parse_args(argv)
+    global SEEDS
+    SEEDS = set(args.seeds) if args.seeds else None
     print(COMMANDS[args.command](args))
     return 0
 
