@@ -77,6 +77,38 @@ def test_expand_grid_seeds_steps_and_overrides(tmp_path: Path) -> None:
         expand_grid(grid, [1, 1], steps=5, out=tmp_path)
 
 
+EXAMPLE_GRIDS = Path(__file__).resolve().parents[1] / "examples" / "grids"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLE_GRIDS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_grids_build_on_the_testbed(path: Path, tmp_path: Path) -> None:
+    grid = load_grid(str(path))
+    # no entry is a duplicate of another (it would silently not run)
+    assert [n for n, _ in dedup_grid(grid, "reasoning")] == [n for n, _ in grid]
+    for spec in expand_grid(grid, [0], steps=3, out=tmp_path, base="reasoning"):
+        assert build_config(spec).model.path == "builtin:reasoning"
+
+
+def _same_config(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether entry ``a[1]`` of grid ``a[0]`` and entry ``b[1]`` of ``b[0]`` are one
+    configuration on the reasoning preset."""
+    (ga, na), (gb, nb) = a, b
+    oa = dict(load_grid(ga))[na]
+    ob = dict(load_grid(gb))[nb]
+    return len(dedup_grid([("x", oa), ("y", ob)], "reasoning")) == 1
+
+
+def test_example_grids_reuse_only_equal_cells() -> None:
+    # results.md reuses runs across grids where the configurations are equal: check they are
+    stability = str(EXAMPLE_GRIDS / "reasoning-stability.yaml")
+    clip16 = str(EXAMPLE_GRIDS / "reasoning-cliphigh16.yaml")
+    assert _same_config((clip16, "dapo-mean-clip0.28"), (stability, "dapo-mean_lr0.0006"))
+    assert _same_config((clip16, "qae-k0.4-clip0.28"), (stability, "qae-k0.4_lr0.0006"))
+    assert not _same_config((clip16, "dapo-mean-clip0.2"), (stability, "dapo-mean_lr0.0006"))
+    assert _same_config(("clip-high", "dapo-mean-clip0.28"), ("default", "dapo-mean"))
+    assert _same_config(("clip-high", "qae-k0.4-clip0.28"), ("default", "qae-k0.4"))
+
+
 def test_grid_on_a_base_preset(tmp_path: Path) -> None:
     # the clip-high grid's mini_batches=4 equals the reasoning preset's own: no conflict,
     # and every run starts from the preset, not from the embedded default
