@@ -8,6 +8,7 @@ re-derived with one command:
     python scripts/testbed_tables.py attribution runs/reasoning-mean-vs-qae --lr 3e-4
     python scripts/testbed_tables.py evals runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
     python scripts/testbed_tables.py regime runs/reasoning-stability
+    python scripts/testbed_tables.py verdicts runs/reasoning-stability
     python scripts/testbed_tables.py ksweep runs/reasoning-mean-vs-qae --eval-name eval_t0.7_n32
     python scripts/testbed_tables.py kcontrol runs/reasoning-kcontrol runs/reasoning-mean-vs-qae \
         --names qae-cosine qae-entropy-band qae-sparsity qae-k0.4 dapo-mean \
@@ -458,6 +459,31 @@ def kcontrol_table(
     return _table(head, body)
 
 
+def verdicts_table(root: Path | Sequence[Path], names: Sequence[str] | None) -> str:
+    """Per configuration, the stability verdicts of :mod:`qae.report.stability` (the ones
+    ``qae report --stability`` maps, here per configuration rather than per estimator and
+    lr): entropy stable / collapsed / exploded (with the steps where the sustained window
+    began) and reward held / lost, out of the seeds."""
+    from qae.report.runs import load_run
+    from qae.report.stability import run_stability
+
+    head = ["configuration", "seeds", "entropy verdicts", "reward held"]
+    body = []
+    for name, runs in _finished_runs(root, names).items():
+        recs = [run_stability(load_run(run)) for run in runs]
+        parts = []
+        for verdict in ("stable", "collapsed", "exploded"):
+            hit = [r for r in recs if r.verdict == verdict]
+            if hit:
+                where = f" (step {', '.join(str(r.verdict_step) for r in hit)})"
+                parts.append(f"{len(hit)} {verdict}" + ("" if verdict == "stable" else where))
+        held = sum(r.reward == "held" for r in recs)
+        body.append(
+            [name, ",".join(r.name[4:] for r in runs), ", ".join(parts), f"{held}/{len(recs)}"]
+        )
+    return _table(head, body)
+
+
 def _roots(a: argparse.Namespace) -> list[Path]:
     return [Path(r) for r in a.root]
 
@@ -469,6 +495,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "regime": lambda a: regime_table(_roots(a), a.names, a.window),
     "ksweep": lambda a: ksweep_table(_roots(a), a.names, a.window, a.eval_name),
     "kcontrol": lambda a: kcontrol_table(_roots(a), a.names, a.window, a.eval_name),
+    "verdicts": lambda a: verdicts_table(_roots(a), a.names),
 }
 
 
