@@ -105,6 +105,9 @@ def test_example_grids_reuse_only_equal_cells() -> None:
     assert _same_config((clip16, "dapo-mean-clip0.28"), (stability, "dapo-mean_lr0.0006"))
     assert _same_config((clip16, "qae-k0.4-clip0.28"), (stability, "qae-k0.4_lr0.0006"))
     assert not _same_config((clip16, "dapo-mean-clip0.2"), (stability, "dapo-mean_lr0.0006"))
+    ksweep16 = str(EXAMPLE_GRIDS / "reasoning-ksweep16.yaml")
+    assert _same_config((ksweep16, "dapo-mean"), (stability, "dapo-mean_lr0.0003"))
+    assert _same_config((ksweep16, "qae-k0.4"), (stability, "qae-k0.4_lr0.0003"))
     assert _same_config(("clip-high", "dapo-mean-clip0.28"), ("default", "dapo-mean"))
     assert _same_config(("clip-high", "qae-k0.4-clip0.28"), ("default", "qae-k0.4"))
 
