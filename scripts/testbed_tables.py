@@ -310,11 +310,16 @@ MEAN_ROW = -1.0  # the K-sweep table's key for the mean baseline's row
 
 
 def ksweep_table(
-    root: Path | Sequence[Path], names: Sequence[str] | None, window: int, eval_name: str
+    root: Path | Sequence[Path],
+    names: Sequence[str] | None,
+    window: int,
+    eval_name: str,
+    early: int = 60,
 ) -> str:
     """The K sweep: every run with a constant K (``kcontrol.kind: constant``, QAE) grouped
     by K, and the plain mean baseline (``grpo`` keeping every advantage) as a reference row:
-    the sampling entropy averaged over all steps and over the last ``window``, the
+    the sampling entropy averaged over all steps, over the first ``early`` and over the
+    last ``window``, the
     zero-advantage fraction and, where ``<run>/<eval_name>/summary.json`` exists, its
     pass@k; then Spearman's rho of each per-run quantity on K over the QAE runs, with a
     one-sided permutation p-value for "rises with K", and Mann-Whitney's U of the QAE runs
@@ -335,6 +340,9 @@ def ksweep_table(
             last = rows[-1]["step"]
             vals = {
                 "entropy, all steps": _mean(rows, "rollout/entropy"),
+                f"entropy, steps 1-{early}": _mean(
+                    [r for r in rows if r["step"] <= early], "rollout/entropy"
+                ),
                 f"entropy, last {window}": _mean(
                     [r for r in rows if r["step"] > last - window], "rollout/entropy"
                 ),
@@ -493,7 +501,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "attribution": lambda a: attribution_table(_roots(a), a.names, a.lr),
     "evals": lambda a: evals_table(_roots(a), a.names, a.eval_name),
     "regime": lambda a: regime_table(_roots(a), a.names, a.window),
-    "ksweep": lambda a: ksweep_table(_roots(a), a.names, a.window, a.eval_name),
+    "ksweep": lambda a: ksweep_table(_roots(a), a.names, a.window, a.eval_name, a.early),
     "kcontrol": lambda a: kcontrol_table(_roots(a), a.names, a.window, a.eval_name),
     "verdicts": lambda a: verdicts_table(_roots(a), a.names),
 }
@@ -509,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", help="only these seeds")
     parser.add_argument("--window", type=int, default=50, help="steps averaged (main, regime)")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (attribution)")
+    parser.add_argument("--early", type=int, default=60, help="first steps averaged (ksweep)")
     parser.add_argument(
         "--eval-name", default="eval", help="qae eval output folder (evals, ksweep)"
     )
