@@ -28,6 +28,7 @@ from qae.rewards import (
     register_reward,
     reward_functions,
     score_batch,
+    score_report,
     time_limit,
 )
 from qae.rewards.math import _parse_gold
@@ -326,6 +327,25 @@ def test_warmup_runs_once_per_worker_outside_the_time_bound() -> None:
     _WARM.clear()
     assert score_batch(_warm_first, ["a", "b"], [1, 1], workers=0, timeout=0.5) == [1.0, 1.0]
     assert _WARM == [os.getpid()]
+
+
+def test_in_process_math_scoring_works_from_threads() -> None:
+    # the warm-up must not arm SIGALRM (math-verify's own timeouts), which fails off the
+    # main thread
+    from qae.rewards.math import warmup
+
+    warmup.cache_clear()
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        report = ex.submit(
+            score_report,
+            "math",
+            ["\\boxed{\\frac{1}{2}}", "x = 0.50", "\\boxed{3}"],
+            ["0.5", "1/2", "4"],
+            workers=0,
+            timeout=5.0,
+        ).result()
+    assert report.scores == [1.0, 1.0, 0.0]
+    assert report.errors == 0 and report.timeouts == 0
 
 
 def test_math_scoring_functions_carry_the_warmup() -> None:

@@ -114,7 +114,13 @@ def warmup() -> None:
     """
     from math_verify import parse, verify
 
-    verify(parse("$\\frac{1}{2}$"), parse("$0.5$"))
+    # no math-verify timeouts: they arm SIGALRM, which fails outside the main thread and
+    # would cancel an enclosing time_limit
+    verify(
+        parse("$\\frac{1}{2}$", parsing_timeout=None),
+        parse("$0.5$", parsing_timeout=None),
+        timeout_seconds=None,
+    )
 
 
 def _parse_gold(gold: str) -> tuple:
