@@ -241,6 +241,7 @@ def testbed_report(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     roots = [Path(r) for r in args.roots]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     styles = ["-", "--", ":"]
     with plt.rc_context({"font.size": 10, "legend.fontsize": 7, "axes.grid": True}):
         fig, (ax_h, ax_k, ax_v) = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
@@ -272,7 +273,7 @@ def testbed_report(args: argparse.Namespace) -> int:
                 )
         ax_h.set_title("Sampling entropy (nats per token, EMA 0.9)")
         ax_k.set_title("K in use (QAE arms)")
-        ax_v.set_title("Held-out pass@1 (240 prompts x 8 samples, T = 1)")
+        ax_v.set_title("Held-out pass@1 (240 prompts x 8 samples, T = 1; step 0 below the axis)")
         ax_v.set_ylim(0.85, 1.0)
         for ax in (ax_h, ax_k, ax_v):
             ax.set_xlabel("training step")

@@ -53,6 +53,8 @@ def _finished_runs(
     order = [n for n in names if n in cfgs] if names else list(cfgs)  # --names' order
     for cfg in (cfgs[n] for n in order):
         for run in sorted(cfg.glob("seed*")):
+            if not run.name[4:].isdigit():
+                continue
             if SEEDS is not None and int(run.name[4:]) not in SEEDS:
                 continue
             if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
