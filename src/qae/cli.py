@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a policy with RLVR. With no arguments: QAE (K=0.4) in DAPO's "
         "regime scaled to a CPU (4 off-policy mini-batch updates per rollout batch, "
         "Clip-Higher, token-mean, dynamic sampling, overlong penalty) on the built-in "
-        "reasoning task and its shipped policy, 300 steps in about 5 minutes on 2 CPU "
-        "cores; --config arithmetic is the one-minute arithmetic task. Every config field "
+        "reasoning task and its shipped policy, 300 steps in 5-9 minutes on 2 CPU "
+        "cores; --config arithmetic is the earlier arithmetic task. Every config field "
         f"is a flag; --config loads a preset ({', '.join(preset_names())}) or a YAML file "
         "first.",
     )
