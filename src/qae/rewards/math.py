@@ -247,8 +247,8 @@ def answers_equivalent(answer: str | None, ground_truth: object) -> bool:
 def _score_key_bounded(key: MathKey, timeout: float) -> float:
     from math_verify.errors import TimeoutException  # a BaseException, not an Exception
 
-    warmup()
     try:
+        warmup()  # outside the time bound
         with time_limit(timeout):
             return score_key(key)
     except (Exception, ScoreTimeout, TimeoutException):
