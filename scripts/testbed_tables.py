@@ -65,6 +65,16 @@ def _finished_runs(
     return out
 
 
+def _eval_metrics(run: Path, eval_name: str) -> dict[str, float]:
+    """The metrics of ``qae eval``'s ``<run>/<eval_name>/summary.json`` (its first
+    benchmark) as floats; empty when the run was not evaluated."""
+    path = run / eval_name / "summary.json"
+    if not path.is_file():
+        return {}
+    metrics = next(iter(json.loads(path.read_text())["benchmarks"].values()))
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def _ms(values: Sequence[float], digits: int = 3) -> str:
     if not values:
         return "-"
@@ -205,14 +215,9 @@ def evals_table(root: Path | Sequence[Path], names: Sequence[str] | None, eval_n
     for name, runs in _finished_runs(root, names).items():
         per: dict[str, list[float]] = {}
         for run in runs:
-            path = run / eval_name / "summary.json"
-            if not path.is_file():
-                continue
-            data = json.loads(path.read_text())
-            metrics = next(iter(data["benchmarks"].values()))
-            for k, v in metrics.items():
+            for k, v in _eval_metrics(run, eval_name).items():
                 if k.split("@")[0] in ("pass", "mean", "maj"):
-                    per.setdefault(k, []).append(float(v))
+                    per.setdefault(k, []).append(v)
         if not per:
             continue
         keys = sorted(per)
@@ -352,10 +357,8 @@ def ksweep_table(
                     [r for r in rows if "adv/frac_zero_adv" in r], "adv/frac_zero_adv"
                 ),
             }
-            path = run / eval_name / "summary.json"
-            if path.is_file():
-                metrics = next(iter(json.loads(path.read_text())["benchmarks"].values()))
-                vals.update({k_: float(v) for k_, v in metrics.items() if k_.startswith("pass@")})
+            metrics = _eval_metrics(run, eval_name)
+            vals.update({k_: v for k_, v in metrics.items() if k_.startswith("pass@")})
             for key, v in vals.items():
                 per_k.setdefault(k, {}).setdefault(key, []).append(v)
                 if k != MEAN_ROW:
@@ -436,14 +439,10 @@ def kcontrol_table(
             if cfg["algo"]["estimator"] == "qae":
                 ks = [r["adv/k"] for r in tr if "adv/k" in r]
                 vals.update({"kmin": min(ks), "kmax": max(ks), "klast": ks[-1]})
-            path = run / eval_name / "summary.json"
-            if path.is_file():
-                metrics = next(iter(json.loads(path.read_text())["benchmarks"].values()))
-                ks_ = sorted(
-                    (k for k in metrics if k.startswith("pass@")), key=lambda k: int(k[5:])
-                )
-                kkey = ks_[-1]
-                vals.update({"ep1": float(metrics["pass@1"]), "epk": float(metrics[kkey])})
+            metrics = _eval_metrics(run, eval_name)
+            if metrics:
+                kkey = max((k for k in metrics if k.startswith("pass@")), key=lambda k: int(k[5:]))
+                vals.update({"ep1": metrics["pass@1"], "epk": metrics[kkey]})
             for k, v in vals.items():
                 cols.setdefault(k, []).append(v)
         krange = (
